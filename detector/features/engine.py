@@ -1,0 +1,319 @@
+"""The FeatureEngine: canonical events in, one feature row per event out.
+
+The same engine serves training and scoring (there is one feature code path). It is stateful
+per principal and incremental over micro-batches: feeding one stream in batches of any size
+yields the same rows (tests/test_features.py proves it with hypothesis).
+
+Per batch it does, in order:
+1. vectorised per-event columns (polars): times, effective row count, action code;
+2. statement shape: one normalise-and-hash pass per row, one SQL parse per new shape;
+3. stable 63-bit ids for principals, addresses, client apps, tenants and tables, computed on
+   the batch's distinct values only;
+4. the compiled sequential pass (:mod:`detector.features.kernel`) over per-principal state;
+5. model features: each tracked quantity's excess over the principal's own baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import polars as pl
+
+from detector.errors import ModelError
+from detector.features import kernel as K
+from detector.features.settings import FeatureSettings
+from detector.features.sqlshape import KIND_CODES, ShapeCache, row_fingerprint_expr, stable_hash
+from detector.schema import ACTIONS, empty_events
+
+ENGINE_VERSION: Final = 1
+
+#: Columns of the model's input, in order. Every one is >= 0 and 0 means "as usual".
+MODEL_FEATURES: Final = (
+    *(f"{q}_excess" for q in K.QUANTITIES),
+    "off_hours",
+    "failed_logins_address_1h",
+    "failed_logins_principal_1h",
+    "new_principal",
+)
+
+#: Columns carried from the event into the feature frame (for incidents and explanations).
+CONTEXT_COLUMNS: Final = ("event_time", "db_user", "action", "command", "session_id",
+                          "statement_id", "client_ip", "client_app", "tenant_id",
+                          "statement_text")
+
+#: The typical value assumed for a principal with no history of a quantity.
+_NO_HISTORY: Final = np.array(
+    [math.log10(K.COV_FLOOR) if q == "table_coverage" else 0.0 for q in K.QUANTITIES]
+)
+
+_CODE: Final = {a: i for i, a in enumerate(ACTIONS)}
+_OFFSET_RE: Final = r"(?i)\boffset\s+([0-9]+)"
+_KIND_SELECT: Final = KIND_CODES.index("select")
+_KIND_COPY_TO: Final = KIND_CODES.index("copy_to")
+_KIND_COPY_FROM: Final = KIND_CODES.index("copy_from")
+
+
+def _params(settings: FeatureSettings) -> np.ndarray:
+    p = np.zeros(K.N_PARAMS)
+    p[K.P_TAU_RATE] = 300.0
+    p[K.P_TAU_1H] = 3600.0
+    p[K.P_TAU_24H] = 86400.0
+    p[K.P_TAU_TEN] = 600.0
+    p[K.P_W_TEN] = 600.0
+    p[K.P_W_TAB] = 3600.0
+    p[K.P_TAU_COV] = 3 * 3600.0
+    p[K.P_TAU_FP] = 3600.0
+    p[K.P_TAU_FAIL] = 3600.0
+    p[K.P_TAU_BASE] = settings.baseline_days * 86400.0
+    p[K.P_TAU_HOUR] = 14 * 86400.0
+    p[K.P_PAIR_EXPIRY] = settings.new_pair_expiry_days * 86400.0
+    p[K.P_BASE_STEP] = 60.0
+    return p
+
+
+def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
+    """Everything that determines what a feature column means."""
+    return {
+        "engine_version": ENGINE_VERSION,
+        "model_features": list(MODEL_FEATURES),
+        "outputs": list(K.OUT_COLUMNS),
+        "settings": settings.model_dump(mode="json"),
+        "params": _params(settings).tolist(),
+    }
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    blob = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class FeatureEngine:
+    """Stateful, incremental feature computation. ``transform`` is the one verb."""
+
+    def __init__(self, settings: FeatureSettings | None = None) -> None:
+        self.settings = settings or FeatureSettings()
+        self.params = _params(self.settings)
+        self.expiry = K.default_expiry(self.params)
+        self.spec = feature_spec(self.settings)
+        self.spec_hash = spec_hash(self.spec)
+        self._shapes = ShapeCache(self.settings)
+        self._hash_cache: dict[str, int] = {}
+        self._table_cache: dict[str, tuple[bool, int, float]] = {}
+        self.principals_: dict[str, int] = {}
+        self.state_ = np.zeros((0, K.N_STATE))
+        self.keys_ = np.full(1024, K.EMPTY, dtype=np.int64)
+        self.kinds_ = np.zeros(1024, dtype=np.int8)
+        self.ta_ = np.zeros(1024)
+        self.va_ = np.zeros(1024)
+        self.size_ = 0
+        self.events_seen_ = 0
+        self.last_event_time_: float | None = None
+
+    # ------------------------------------------------------------------ transform
+    def transform(self, events: pl.DataFrame) -> pl.DataFrame:
+        """Feature rows for ``events`` (canonical schema), in the same order; updates state."""
+        n = events.height
+        if n == 0:
+            return self._frame(events, np.empty((0, K.N_OUT)))
+        prep = self._prepare(events)
+        cols = {c: prep[c].to_numpy() for c in prep.columns}
+        pidx = self._principal_index(events["db_user"])
+        out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
+            cols["t"], pidx, self._ids(events["client_ip"]), self._ids(events["client_app"]),
+            self._ids(events["tenant_id"]), cols["table_id"], cols["fp"], cols["action_code"],
+            cols["rows"], cols["sensitive"], cols["agg_all"], cols["bulk"], cols["copy_out"],
+            cols["whole_read"], self._offsets(events, prep), cols["hour"], cols["known_size"],
+            self.state_, self.keys_, self.kinds_, self.ta_, self.va_, self.size_, self.params,
+            self.expiry,
+        )
+        self.events_seen_ += n
+        batch_max = float(cols["t"].max())
+        self.last_event_time_ = (batch_max if self.last_event_time_ is None
+                                 else max(self.last_event_time_, batch_max))
+        return self._frame(events, out, prep)
+
+    def _prepare(self, events: pl.DataFrame) -> pl.DataFrame:
+        reading = pl.col("action").is_in(["read", "copy"])
+        base = events.select(
+            t=pl.col("event_time").dt.epoch("us").cast(pl.Float64) / 1e6,
+            hour=pl.col("event_time").dt.hour().cast(pl.Int64),
+            action_code=pl.col("action").replace_strict(_CODE, default=_CODE["other"],
+                                                        return_dtype=pl.Int64),
+            rows=pl.when(pl.col("action") == "write")
+            .then(pl.coalesce("rows_affected", "rows_returned"))
+            .otherwise(pl.coalesce("rows_returned", "rows_affected"))
+            .cast(pl.Float64).fill_null(float("nan")),
+            h=row_fingerprint_expr("statement_text"),
+            objects=pl.col("objects"),
+            reading=reading,
+        )
+        shapes = self._shapes.shapes(base["h"], events["statement_text"])
+        base = base.join(shapes, on="h", how="left", maintain_order="left")
+        base = base.with_columns(
+            tables=pl.when(pl.col("objects").list.len() > 0)
+            .then(pl.col("objects")).otherwise(pl.col("tables")),
+        ).with_columns(table_key=pl.col("tables").list.join(",").fill_null(""))
+        base = base.join(self._table_info(base["table_key"]), on="table_key", how="left",
+                         maintain_order="left")
+        kind = pl.col("kind").fill_null(0)
+        no_tenant_filter = ~pl.col("tenant_filter").fill_null(False)
+        aggregate = pl.col("aggregate").fill_null(False)
+        copy_out = (kind == _KIND_COPY_TO) | ((pl.col("action_code") == _CODE["copy"])
+                                              & (kind != _KIND_COPY_FROM))
+        return base.select(
+            "t", "hour", "action_code", "rows", "tables",
+            fp=pl.col("fingerprint").fill_null(0),
+            table_id=pl.col("table_id").fill_null(0),
+            known_size=pl.col("known_size").fill_null(float("nan")),
+            sensitive=pl.col("sensitive").fill_null(False),
+            agg_all=pl.col("reading") & aggregate & no_tenant_filter
+            & (pl.col("group_by_tenant").fill_null(False) | pl.col("sensitive").fill_null(False)),
+            bulk=pl.col("reading") & (kind == _KIND_SELECT) & pl.col("sensitive").fill_null(False)
+            & no_tenant_filter & ~aggregate,
+            copy_out=copy_out,
+            whole_read=(pl.col("tables").list.len().fill_null(0) == 1)
+            & ~pl.col("has_where").fill_null(True) & ~pl.col("has_limit").fill_null(True)
+            & ~aggregate & ((kind == _KIND_SELECT) | copy_out),
+            has_offset=pl.col("has_offset").fill_null(False),
+        )
+
+    def _table_info(self, keys: pl.Series) -> pl.DataFrame:
+        """sensitive flag, primary table id and configured size per distinct table list."""
+        uniq = keys.unique().to_list()
+        info = [self._table_entry(k) for k in uniq]
+        return pl.DataFrame(
+            {"table_key": uniq, "sensitive": [i[0] for i in info],
+             "table_id": [i[1] for i in info], "known_size": [i[2] for i in info]},
+            schema={"table_key": pl.String, "sensitive": pl.Boolean, "table_id": pl.Int64,
+                    "known_size": pl.Float64},
+        )
+
+    def _table_entry(self, key: str) -> tuple[bool, int, float]:
+        hit = self._table_cache.get(key)
+        if hit is not None:
+            return hit
+        tables = [t for t in key.lower().split(",") if t]
+        sensitive = [t for t in tables if self.settings.table_class(t)]
+        primary = (sensitive or tables or [""])[0]
+        size = self.settings.table_rows.get(primary, float("nan"))
+        entry = (bool(sensitive), stable_hash(primary) if primary else 0, float(size))
+        self._table_cache[key] = entry
+        return entry
+
+    def _offsets(self, events: pl.DataFrame, prep: pl.DataFrame) -> np.ndarray:
+        mask = prep["has_offset"].to_numpy()
+        offsets = np.full(events.height, np.nan)
+        if mask.any():
+            found = events.filter(pl.Series(mask)).select(
+                pl.col("statement_text").str.extract(_OFFSET_RE, 1).cast(pl.Float64,
+                                                                          strict=False))
+            offsets[mask] = found.to_series().fill_null(float("nan")).to_numpy()
+        return offsets
+
+    def _ids(self, column: pl.Series) -> np.ndarray:
+        """Stable 63-bit ids for a string column (null -> 0), hashing distinct values only."""
+        uniq = column.drop_nulls().unique().to_list()
+        cache = self._hash_cache
+        if len(cache) > 1_000_000:
+            cache.clear()
+        ids = [cache.get(u) or cache.setdefault(u, stable_hash(u) or 1) for u in uniq]
+        mapped = column.replace_strict(uniq, ids, default=0, return_dtype=pl.Int64)
+        return np.ascontiguousarray(mapped.to_numpy())
+
+    def _principal_index(self, users: pl.Series) -> np.ndarray:
+        for name in users.unique(maintain_order=True).to_list():
+            if name not in self.principals_:
+                self.principals_[name] = len(self.principals_)
+        grow = len(self.principals_) - self.state_.shape[0]
+        if grow > 0:
+            extra = max(grow, self.state_.shape[0] // 2, 64)
+            self.state_ = np.vstack([self.state_, np.zeros((extra, K.N_STATE))])
+        names = list(self.principals_)
+        idx = users.replace_strict(names, list(range(len(names))), return_dtype=pl.Int64)
+        return np.ascontiguousarray(idx.to_numpy())
+
+    # ------------------------------------------------------------------ output
+    def _frame(self, events: pl.DataFrame, out: np.ndarray,
+               prep: pl.DataFrame | None = None) -> pl.DataFrame:
+        values = out[:, 0 : 2 * K.NB : 2]
+        typical = out[:, 1 : 2 * K.NB : 2]
+        typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
+        excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none, nan=0.0))
+        model = np.column_stack(
+            [excess, out[:, K.O_OFF_HOURS], out[:, K.O_FAIL_ADDR], out[:, K.O_FAIL_PRINCIPAL],
+             out[:, K.O_NEW_PRINCIPAL]]
+        )
+        tables = (prep["tables"] if prep is not None
+                  else pl.Series("tables", [], pl.List(pl.String)))
+        context = events.select(
+            *CONTEXT_COLUMNS, row_count=pl.coalesce("rows_returned", "rows_affected")
+        ).with_columns(tables=tables)
+        feats = pl.DataFrame(
+            {name: out[:, i] for i, name in enumerate(K.OUT_COLUMNS)}
+            | {name: model[:, i] for i, name in enumerate(MODEL_FEATURES)},
+            schema={**dict.fromkeys(K.OUT_COLUMNS, pl.Float64),
+                    **dict.fromkeys(MODEL_FEATURES, pl.Float64)},
+        )
+        return pl.concat([context, feats], how="horizontal")
+
+    # ------------------------------------------------------------------ state
+    def save_state(self, directory: Path) -> list[Path]:
+        """Write the state as ``state.npz`` (no pickled objects) and ``state.json``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        live = self._compacted()
+        npz = directory / "state.npz"
+        with npz.open("wb") as fh:
+            np.savez_compressed(fh, principal_state=self.state_[: len(self.principals_)],
+                                keys=live[0], kinds=live[1], ta=live[2], va=live[3])
+        meta = {
+            "engine_version": ENGINE_VERSION,
+            "spec_hash": self.spec_hash,
+            "principals": list(self.principals_),
+            "table_size": int(live[4]),
+            "events_seen": self.events_seen_,
+            "last_event_time": self.last_event_time_,
+        }
+        js = directory / "state.json"
+        js.write_text(json.dumps(meta, indent=1))
+        return [npz, js]
+
+    def load_state(self, directory: Path) -> None:
+        """Restore state written by :meth:`save_state`; refuses another feature spec."""
+        try:
+            meta = json.loads((directory / "state.json").read_text())
+            with np.load(directory / "state.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("principal_state", "keys", "kinds", "ta", "va")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot read feature state in {directory}: {exc}") from exc
+        if meta.get("spec_hash") != self.spec_hash:
+            raise ModelError(f"feature state in {directory} was built for another feature spec "
+                             f"({meta.get('spec_hash')!s:.12} != {self.spec_hash:.12})")
+        names: list[str] = meta["principals"]
+        if arrays["principal_state"].shape != (len(names), K.N_STATE):
+            raise ModelError(f"feature state in {directory} is inconsistent")
+        self.principals_ = {name: i for i, name in enumerate(names)}
+        self.state_ = np.ascontiguousarray(arrays["principal_state"], dtype=np.float64)
+        self.keys_ = np.ascontiguousarray(arrays["keys"], dtype=np.int64)
+        self.kinds_ = np.ascontiguousarray(arrays["kinds"], dtype=np.int8)
+        self.ta_ = np.ascontiguousarray(arrays["ta"], dtype=np.float64)
+        self.va_ = np.ascontiguousarray(arrays["va"], dtype=np.float64)
+        self.size_ = int(meta["table_size"])
+        self.events_seen_ = int(meta["events_seen"])
+        self.last_event_time_ = meta["last_event_time"]
+
+    def _compacted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        now = self.last_event_time_ if self.last_event_time_ is not None else 0.0
+        return K.rebuild(self.keys_, self.kinds_, self.ta_, self.va_, self.expiry, now,
+                         self.keys_.shape[0])
+
+
+def transform_all(engine: FeatureEngine, batches: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    """Run every batch through ``engine`` and concatenate the feature rows."""
+    frames = [engine.transform(b) for b in batches]
+    return pl.concat(frames) if frames else engine.transform(empty_events())

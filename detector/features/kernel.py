@@ -1,0 +1,351 @@
+"""The stateful part of the feature engine: one sequential pass over a batch, compiled.
+
+Events are processed in arrival order. Per-principal state lives in a dense float matrix (one
+row per principal); pair state ((principal, address), (principal, tenant), ...) lives in one
+open-addressing hash table of four parallel arrays. Every pair kind has an expiry and a lookup
+treats an entry older than its expiry exactly like an absent one, so dropping expired entries
+when the table is rebuilt cannot change any result: cutting one stream into different batches
+yields the same features.
+
+Counters are exponentially decayed (value * exp(-dt / tau)); a principal's baseline is a
+time-decayed, time-weighted mean of each tracked quantity over its own past events, read
+*before* the current event is added.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+from numba import njit
+
+# --- pair kinds in the hash table ---------------------------------------------------------
+K_ADDR_PAIR: Final = 1
+K_APP_PAIR: Final = 2
+K_TENANT_PAIR: Final = 3
+K_TABLE_PAIR: Final = 4
+K_FP_PAIR: Final = 5
+K_ADDR: Final = 6
+K_TABLE_SIZE: Final = 7
+N_KINDS: Final = 8
+
+EMPTY: Final = np.int64(-(2**63))
+
+# --- action codes (index into detector.schema.ACTIONS) -------------------------------------
+A_READ: Final = 0
+A_COPY: Final = 4
+A_LOGIN_FAILED: Final = 6
+
+# --- parameters (indices into the params vector) --------------------------------------------
+P_TAU_RATE, P_TAU_1H, P_TAU_24H, P_TAU_TEN, P_W_TEN, P_W_TAB = 0, 1, 2, 3, 4, 5
+P_TAU_COV, P_TAU_FP, P_TAU_FAIL, P_TAU_BASE, P_TAU_HOUR, P_PAIR_EXPIRY = 6, 7, 8, 9, 10, 11
+P_BASE_STEP: Final = 12
+N_PARAMS: Final = 13
+
+# --- per-principal state columns ------------------------------------------------------------
+S_LAST_T, S_SEEN, S_RATE, S_SENS1H, S_SENS24H, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 3, 4, 5, 6, 7
+S_BASE_W, S_BASE_ROWS_W = 8, 9
+S_BASE0: Final = 10  # NB baseline sums start here
+
+# --- tracked quantities: each yields (value, typical) output columns ------------------------
+QUANTITIES: Final = (
+    "rows",  # log1p(rows of this event); unknown rows -> NaN
+    "sensitive_rows_1h",  # log1p(decayed rows read from sensitive tables, tau 1 h)
+    "sensitive_rows_24h",  # same, tau 24 h
+    "tenants_10m",  # log1p(distinct tenants touched in ~10 min)
+    "tables_1h",  # log1p(distinct tables touched in ~1 h)
+    "rate_5m",  # log1p(statements in ~5 min)
+    "fingerprint_repeats_1h",  # log1p(repetitions of this statement shape in ~1 h)
+    "table_coverage",  # log10(rows read from this table in ~3 h / table size + 1e-4)
+    "offset",  # log1p(OFFSET value)
+    "aggregate_all_tenants",  # 0/1: aggregate or GROUP BY over tenants, no tenant filter
+    "bulk_sensitive_read",  # 0/1: sensitive table read without a tenant filter
+    "copy_out",  # 0/1: COPY ... TO / dump
+    "new_address",  # 0/1: address not seen for this principal within the expiry
+    "new_client_app",  # 0/1: client app not seen for this principal within the expiry
+)
+NB: Final = len(QUANTITIES)
+(Q_ROWS, Q_SENS1H, Q_SENS24H, Q_TEN, Q_TAB, Q_RATE, Q_FP, Q_COV, Q_OFF, Q_AGG, Q_BULK, Q_COPY,
+ Q_NADDR, Q_NAPP) = range(NB)
+S_HIST0: Final = S_BASE0 + NB  # 24 hour-of-day bins follow the baseline sums
+N_STATE: Final = S_HIST0 + 24
+
+# --- extra output columns after the 2 * NB (value, typical) pairs ---------------------------
+O_OFF_HOURS, O_HOUR_SHARE, O_FAIL_ADDR, O_FAIL_PRINCIPAL, O_NEW_PRINCIPAL = (
+    2 * NB, 2 * NB + 1, 2 * NB + 2, 2 * NB + 3, 2 * NB + 4)
+O_COVERAGE, O_TABLE_ROWS = 2 * NB + 5, 2 * NB + 6
+N_OUT: Final = 2 * NB + 7
+EXTRA_OUTPUTS: Final = ("off_hours", "hour_share", "failed_logins_address_1h",
+                        "failed_logins_principal_1h", "new_principal", "coverage_ratio",
+                        "table_rows")
+OUT_COLUMNS: Final = tuple(
+    [name for q in QUANTITIES for name in (q, f"{q}_typical")] + list(EXTRA_OUTPUTS)
+)
+COV_FLOOR: Final = 1e-4
+
+
+@njit(cache=True, inline="always")
+def _mix(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+@njit(cache=True, inline="always")
+def pair_key(kind: int, a: int, b: int) -> np.int64:  # pragma: no cover - compiled
+    """A well-mixed 64-bit key for (kind, a, b); never EMPTY."""
+    h = _mix(np.uint64(b) + np.uint64(kind) * np.uint64(0x9E3779B97F4A7C15))
+    k = np.int64(_mix(np.uint64(a) ^ h))
+    if k == EMPTY:
+        k = np.int64(k + 1)
+    return k
+
+
+@njit(cache=True)
+def _find(keys: np.ndarray, key: np.int64) -> int:  # pragma: no cover - compiled
+    mask = keys.shape[0] - 1
+    i = key & mask
+    while True:
+        k = keys[i]
+        if k == key or k == EMPTY:
+            return i
+        i = (i + 1) & mask
+
+
+@njit(cache=True)
+def rebuild(keys: np.ndarray, kinds: np.ndarray, ta: np.ndarray, va: np.ndarray,
+            expiry: np.ndarray, now: float, min_capacity: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+    """Drop expired entries and re-insert the live ones into a table of a fitting size."""
+    live = 0
+    for i in range(keys.shape[0]):
+        if keys[i] != EMPTY and now - ta[i] <= expiry[kinds[i]]:
+            live += 1
+    cap = 1024
+    while cap < 2 * (live + 1) or cap < min_capacity:
+        cap *= 2
+    nk = np.full(cap, EMPTY, dtype=np.int64)
+    nkind = np.zeros(cap, dtype=np.int8)
+    nta = np.zeros(cap, dtype=np.float64)
+    nva = np.zeros(cap, dtype=np.float64)
+    for i in range(keys.shape[0]):
+        if keys[i] != EMPTY and now - ta[i] <= expiry[kinds[i]]:
+            j = _find(nk, keys[i])
+            nk[j] = keys[i]
+            nkind[j] = kinds[i]
+            nta[j] = ta[i]
+            nva[j] = va[i]
+    return nk, nkind, nta, nva, live
+
+
+@njit(cache=True)
+def run(
+    t: np.ndarray, pidx: np.ndarray, addr: np.ndarray, app: np.ndarray, tenant: np.ndarray,
+    table: np.ndarray, fp: np.ndarray, action: np.ndarray, rows: np.ndarray,
+    sensitive: np.ndarray, agg_all: np.ndarray, bulk: np.ndarray, copy_out: np.ndarray,
+    whole_read: np.ndarray, offset: np.ndarray, hour: np.ndarray, known_size: np.ndarray,
+    ps: np.ndarray, keys: np.ndarray, kinds: np.ndarray, ta: np.ndarray, va: np.ndarray,
+    size: int, params: np.ndarray, expiry: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+    """Compute the stateful features of one batch, updating the state in place.
+
+    Returns (out, keys, kinds, ta, va, size): the feature matrix (n x N_OUT) and the possibly
+    rebuilt hash table.
+    """
+    n = t.shape[0]
+    out = np.empty((n, N_OUT), dtype=np.float64)
+    vals = np.empty(NB, dtype=np.float64)
+    for i in range(n):
+        if 2 * (size + 8) > keys.shape[0]:
+            keys, kinds, ta, va, size = rebuild(keys, kinds, ta, va, expiry, t[i], 0)
+        p = pidx[i]
+        now = t[i]
+        new_principal = ps[p, S_SEEN] == 0.0
+        dt = 0.0 if new_principal else max(0.0, now - ps[p, S_LAST_T])
+        ps[p, S_LAST_T] = now if new_principal else max(ps[p, S_LAST_T], now)
+        ps[p, S_SEEN] += 1.0
+        ps[p, S_RATE] *= math.exp(-dt / params[P_TAU_RATE])
+        ps[p, S_SENS1H] *= math.exp(-dt / params[P_TAU_1H])
+        ps[p, S_SENS24H] *= math.exp(-dt / params[P_TAU_24H])
+        ps[p, S_TEN] *= math.exp(-dt / params[P_TAU_TEN])
+        ps[p, S_TAB] *= math.exp(-dt / params[P_TAU_1H])
+        ps[p, S_FAIL] *= math.exp(-dt / params[P_TAU_FAIL])
+        r = rows[i]
+        known_rows = not math.isnan(r)
+        reading = action[i] == A_READ or action[i] == A_COPY
+
+        # novelty of address and client app for this principal
+        new_addr = 0.0
+        if addr[i] != 0:
+            k = pair_key(K_ADDR_PAIR, p, addr[i])
+            j = _find(keys, k)
+            if keys[j] == EMPTY or now - ta[j] > params[P_PAIR_EXPIRY]:
+                new_addr = 1.0
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_ADDR_PAIR
+                size += 1
+            ta[j] = max(ta[j], now) if new_addr == 0.0 else now
+        new_app = 0.0
+        if app[i] != 0:
+            k = pair_key(K_APP_PAIR, p, app[i])
+            j = _find(keys, k)
+            if keys[j] == EMPTY or now - ta[j] > params[P_PAIR_EXPIRY]:
+                new_app = 1.0
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_APP_PAIR
+                size += 1
+            ta[j] = max(ta[j], now) if new_app == 0.0 else now
+
+        # distinct tenants in a short window
+        if tenant[i] != 0:
+            k = pair_key(K_TENANT_PAIR, p, tenant[i])
+            j = _find(keys, k)
+            if keys[j] == EMPTY or now - ta[j] > params[P_W_TEN]:
+                ps[p, S_TEN] += 1.0
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_TENANT_PAIR
+                size += 1
+            ta[j] = max(ta[j], now)
+
+        # distinct tables, coverage of this table, learned table size
+        coverage = 0.0
+        tsize = math.nan
+        if table[i] != 0:
+            k = pair_key(K_TABLE_SIZE, 0, table[i])
+            j = _find(keys, k)
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_TABLE_SIZE
+                va[j] = 0.0
+                size += 1
+            ta[j] = max(ta[j], now)
+            if whole_read[i] and known_rows and r > va[j]:
+                va[j] = r
+            tsize = known_size[i] if not math.isnan(known_size[i]) else va[j]
+            k = pair_key(K_TABLE_PAIR, p, table[i])
+            j = _find(keys, k)
+            fresh = keys[j] == EMPTY or now - ta[j] > expiry[K_TABLE_PAIR]
+            if fresh or now - ta[j] > params[P_W_TAB]:
+                ps[p, S_TAB] += 1.0
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_TABLE_PAIR
+                size += 1
+            cov = 0.0 if fresh else va[j] * math.exp(-max(0.0, now - ta[j]) / params[P_TAU_COV])
+            if known_rows and reading:
+                cov += r
+            va[j] = cov
+            ta[j] = max(ta[j], now) if not fresh else now
+            if tsize > 0.0:
+                coverage = cov / tsize
+
+        # repetitions of this statement shape
+        repeats = 0.0
+        if fp[i] != 0:
+            k = pair_key(K_FP_PAIR, p, fp[i])
+            j = _find(keys, k)
+            if keys[j] == EMPTY or now - ta[j] > expiry[K_FP_PAIR]:
+                prev = 0.0
+            else:
+                prev = va[j] * math.exp(-max(0.0, now - ta[j]) / params[P_TAU_FP])
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_FP_PAIR
+                size += 1
+            repeats = prev + 1.0
+            va[j] = repeats
+            ta[j] = max(ta[j], now) if prev > 0.0 else now
+
+        # failed logins per address and per principal
+        fails_addr = 0.0
+        failed = action[i] == A_LOGIN_FAILED
+        if addr[i] != 0:
+            k = pair_key(K_ADDR, 0, addr[i])
+            j = _find(keys, k)
+            if keys[j] == EMPTY or now - ta[j] > expiry[K_ADDR]:
+                prev = 0.0
+            else:
+                prev = va[j] * math.exp(-max(0.0, now - ta[j]) / params[P_TAU_FAIL])
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_ADDR
+                size += 1
+            fails_addr = prev + (1.0 if failed else 0.0)
+            va[j] = fails_addr
+            ta[j] = max(ta[j], now) if prev > 0.0 else now
+        if failed:
+            ps[p, S_FAIL] += 1.0
+        ps[p, S_RATE] += 1.0
+        if known_rows and reading and sensitive[i]:
+            ps[p, S_SENS1H] += r
+            ps[p, S_SENS24H] += r
+
+        # hour-of-day habit
+        hdecay = math.exp(-dt / params[P_TAU_HOUR])
+        total = 0.0
+        for h in range(24):
+            ps[p, S_HIST0 + h] *= hdecay
+            total += ps[p, S_HIST0 + h]
+        share = ps[p, S_HIST0 + hour[i]] / total if total > 0.0 else 1.0 / 24.0
+        ps[p, S_HIST0 + hour[i]] += 1.0
+
+        # tracked quantities against the principal's own baseline (read before update)
+        vals[Q_ROWS] = math.log1p(r) if known_rows else math.nan
+        vals[Q_SENS1H] = math.log1p(ps[p, S_SENS1H])
+        vals[Q_SENS24H] = math.log1p(ps[p, S_SENS24H])
+        vals[Q_TEN] = math.log1p(ps[p, S_TEN])
+        vals[Q_TAB] = math.log1p(ps[p, S_TAB])
+        vals[Q_RATE] = math.log1p(ps[p, S_RATE])
+        vals[Q_FP] = math.log1p(repeats)
+        vals[Q_COV] = math.log10(coverage + COV_FLOOR)
+        vals[Q_OFF] = math.log1p(offset[i]) if not math.isnan(offset[i]) else 0.0
+        vals[Q_AGG] = 1.0 if agg_all[i] else 0.0
+        vals[Q_BULK] = 1.0 if bulk[i] else 0.0
+        vals[Q_COPY] = 1.0 if copy_out[i] else 0.0
+        vals[Q_NADDR] = new_addr
+        vals[Q_NAPP] = new_app
+        bdecay = math.exp(-dt / params[P_TAU_BASE])
+        ps[p, S_BASE_W] *= bdecay
+        ps[p, S_BASE_ROWS_W] *= bdecay
+        # An event weighs in by the time it covers (at most one baseline step), so a burst
+        # of hundreds of statements cannot drag the baseline along while it happens.
+        w = 1.0 if new_principal else min(1.0, dt / params[P_BASE_STEP])
+        for q in range(NB):
+            ps[p, S_BASE0 + q] *= bdecay
+            weight = ps[p, S_BASE_ROWS_W] if q == Q_ROWS else ps[p, S_BASE_W]
+            out[i, 2 * q] = vals[q]
+            out[i, 2 * q + 1] = ps[p, S_BASE0 + q] / weight if weight > 0.0 else math.nan
+            if not math.isnan(vals[q]):
+                ps[p, S_BASE0 + q] += w * vals[q]
+        ps[p, S_BASE_W] += w
+        if known_rows:
+            ps[p, S_BASE_ROWS_W] += w
+
+        out[i, O_OFF_HOURS] = 1.0 - min(1.0, 24.0 * share) if total > 0.0 else 0.0
+        out[i, O_HOUR_SHARE] = share
+        out[i, O_FAIL_ADDR] = math.log1p(fails_addr)
+        out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL])
+        out[i, O_NEW_PRINCIPAL] = 1.0 if new_principal else 0.0
+        out[i, O_COVERAGE] = coverage
+        out[i, O_TABLE_ROWS] = tsize
+    return out, keys, kinds, ta, va, size
+
+
+def default_expiry(params: np.ndarray) -> np.ndarray:
+    """Per-kind expiry (seconds): past it an entry is equivalent to an absent one."""
+    exp_ = np.full(N_KINDS, np.inf)
+    exp_[K_ADDR_PAIR] = params[P_PAIR_EXPIRY]
+    exp_[K_APP_PAIR] = params[P_PAIR_EXPIRY]
+    exp_[K_TENANT_PAIR] = params[P_W_TEN]
+    exp_[K_TABLE_PAIR] = 8.0 * params[P_TAU_COV]
+    exp_[K_FP_PAIR] = 8.0 * params[P_TAU_FP]
+    exp_[K_ADDR] = 8.0 * params[P_TAU_FAIL]
+    exp_[K_TABLE_SIZE] = np.inf
+    return exp_

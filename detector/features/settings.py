@@ -1,0 +1,74 @@
+"""Settings of the feature engine: which tables are sensitive, which columns name a tenant,
+and the time horizons of the per-principal state. Part of the feature spec hash: changing any
+of these makes older models refuse to load against this engine."""
+
+from __future__ import annotations
+
+import fnmatch
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_TABLE_CLASSES: dict[str, list[str]] = {
+    "customer": ["*clients", "*customers", "*organizations", "*organisations", "*accounts",
+                 "*users", "*contacts", "*tenants"],
+    "usage": ["*search_events", "*search_counts", "*usage*", "*events_daily*", "*activity*"],
+    "billing": ["*invoices", "*payments", "*subscriptions", "*billing*"],
+    "credentials": ["*api_keys", "*tokens", "*passwords", "*secrets", "*credentials"],
+}
+
+
+class FeatureSettings(BaseModel):
+    """What the feature engine needs to know about the watched database."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table_classes: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_TABLE_CLASSES.items()},
+        description="Sensitive table classes: class name -> glob patterns over "
+        "'schema.table' (lower case). A table in any class counts as sensitive.",
+    )
+    tenant_keys: list[str] = Field(
+        default_factory=lambda: ["client_id", "tenant_id", "org_id", "organization_id",
+                                 "customer_id", "account_id"],
+        description="Column names that identify a tenant (SaaS client) in WHERE and GROUP BY.",
+    )
+    tenant_tables: list[str] = Field(
+        default_factory=lambda: ["*clients", "*tenants", "*organizations", "*customers"],
+        description="Tables whose own primary key `id` is the tenant id (WHERE id = ... "
+        "on them is a single-tenant filter).",
+    )
+    table_rows: dict[str, int] = Field(
+        default_factory=dict,
+        description="Known table sizes ('schema.table' -> rows) for coverage; sizes are "
+        "also learned from whole-table reads.",
+    )
+    new_pair_expiry_days: float = Field(
+        30.0, gt=0, description="An address or client app unseen this long is new again."
+    )
+    baseline_days: float = Field(
+        7.0, gt=0, description="Time constant of each principal's own baseline."
+    )
+
+    def table_class(self, table: str) -> int:
+        """Bitmask of the classes ``table`` belongs to (bit i = i-th class in sorted order)."""
+        return _classify(table.lower(), self._patterns())
+
+    def is_tenant_table(self, table: str) -> bool:
+        name = table.lower()
+        return any(fnmatch.fnmatchcase(name, p) for p in self.tenant_tables)
+
+    def class_names(self) -> list[str]:
+        return sorted(self.table_classes)
+
+    def _patterns(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(p.lower() for p in self.table_classes[c]) for c in self.class_names())
+
+
+@lru_cache(maxsize=65536)
+def _classify(table: str, patterns: tuple[tuple[str, ...], ...]) -> int:
+    mask = 0
+    for bit, pats in enumerate(patterns):
+        if any(fnmatch.fnmatchcase(table, p) for p in pats):
+            mask |= 1 << bit
+    return mask

@@ -1,0 +1,202 @@
+"""Statement shape from a real SQL parse, cached by fingerprint.
+
+A fingerprint is the statement with its literals replaced, so ``... WHERE id = 7`` and
+``... WHERE id = 9`` share one. Each distinct fingerprint is parsed once (sqlglot) and its
+shape kept in a bounded cache; a batch pays one vectorised normalisation per row and one parse
+per shape it has not seen before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Final
+
+import polars as pl
+import sqlglot
+from sqlglot import exp
+
+from detector.features.settings import FeatureSettings
+
+#: Row-level normalisation: quoted strings and numbers (not inside identifiers) become ``?``.
+_ROW_NORMALISE: Final = r"'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]+)?\b"
+# Shape-level normalisation, applied once per distinct row fingerprint.
+_IN_LIST: Final = re.compile(r"\(\s*\?(?:\s*,\s*\?)*\s*\)")
+_VALUES_LIST: Final = re.compile(r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))+")
+_SPACE: Final = re.compile(r"\s+")
+_COPY_TO: Final = re.compile(r"^\s*copy\b.*\bto\b", re.IGNORECASE | re.DOTALL)
+_OFFSET: Final = re.compile(r"\boffset\b", re.IGNORECASE)
+
+KIND_CODES: Final = ("none", "select", "insert", "update", "delete", "copy_to", "copy_from",
+                     "ddl", "dcl", "set", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a statement does, independent of its literals."""
+
+    fingerprint: int  # stable 63-bit hash of the normalised text
+    kind: int  # index into KIND_CODES
+    parsed: bool
+    tables: tuple[str, ...]
+    select_star: bool
+    has_where: bool
+    tenant_filter: bool
+    has_limit: bool
+    has_offset: bool
+    aggregate: bool
+    group_by_tenant: bool
+
+
+SHAPE_COLUMNS: Final = tuple(f.name for f in fields(Shape))
+NO_SHAPE: Final = Shape(0, 0, False, (), False, False, False, False, False, False, False)
+
+
+def row_fingerprint_expr(column: str = "statement_text") -> pl.Expr:
+    """Vectorised per-row key: hash of the text with literals replaced (null text -> null)."""
+    text = pl.col(column)
+    return pl.when(text.is_not_null()).then(text.str.replace_all(_ROW_NORMALISE, "?").hash(seed=0))
+
+
+def normalise(text: str) -> str:
+    """The canonical fingerprint text of one statement (literals out, lists collapsed)."""
+    text = re.sub(_ROW_NORMALISE, "?", text)
+    text = _VALUES_LIST.sub(r"\1", text)
+    text = _IN_LIST.sub("(?)", text)
+    return _SPACE.sub(" ", text).strip().rstrip(";").lower()
+
+
+def stable_hash(text: str) -> int:
+    """A 63-bit hash that does not change across processes or library versions."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ShapeCache:
+    """Parses each distinct fingerprint once; bounded LRU keyed by the row-level hash."""
+
+    def __init__(self, settings: FeatureSettings, max_entries: int = 100_000) -> None:
+        self.settings = settings
+        self.max_entries = max_entries
+        self._by_row_hash: OrderedDict[int, Shape] = OrderedDict()
+        self._by_fingerprint: dict[int, Shape] = {}
+        self.parses = 0
+
+    def shapes(self, row_hash: pl.Series, text: pl.Series) -> pl.DataFrame:
+        """Shape columns for each distinct ``row_hash`` in the batch (one row per hash)."""
+        uniq = pl.DataFrame({"h": row_hash, "t": text}).filter(pl.col("t").is_not_null())
+        uniq = uniq.unique(subset="h", keep="first", maintain_order=True)
+        rows: list[Shape] = []
+        for h, t in uniq.iter_rows():
+            shape = self._by_row_hash.get(h)
+            if shape is None:
+                shape = self._shape_of(t)
+                self._by_row_hash[h] = shape
+                if len(self._by_row_hash) > self.max_entries:
+                    self._by_row_hash.popitem(last=False)
+            else:
+                self._by_row_hash.move_to_end(h)
+            rows.append(shape)
+        return pl.DataFrame(
+            {
+                "h": uniq["h"],
+                **{name: [getattr(s, name) for s in rows] for name in SHAPE_COLUMNS},
+            },
+            schema={"h": pl.UInt64, **SHAPE_SCHEMA},
+        )
+
+    def _shape_of(self, text: str) -> Shape:
+        norm = normalise(text)
+        fp = stable_hash(norm)
+        cached = self._by_fingerprint.get(fp)
+        if cached is not None:
+            return cached
+        self.parses += 1
+        shape = analyse(norm, fp, self.settings)
+        if len(self._by_fingerprint) >= self.max_entries:
+            self._by_fingerprint.clear()
+        self._by_fingerprint[fp] = shape
+        return shape
+
+
+SHAPE_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "fingerprint": pl.Int64(),
+    "kind": pl.Int8(),
+    "parsed": pl.Boolean(),
+    "tables": pl.List(pl.String),
+    "select_star": pl.Boolean(),
+    "has_where": pl.Boolean(),
+    "tenant_filter": pl.Boolean(),
+    "has_limit": pl.Boolean(),
+    "has_offset": pl.Boolean(),
+    "aggregate": pl.Boolean(),
+    "group_by_tenant": pl.Boolean(),
+}
+
+
+def analyse(norm: str, fingerprint: int, settings: FeatureSettings) -> Shape:
+    """Shape of one normalised statement. Never raises: unparsable text gets a text-only shape."""
+    try:
+        tree = sqlglot.parse_one(norm.replace("?", "0"), read="postgres")
+    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, ValueError, RecursionError):
+        tree = None
+    if tree is None:
+        copy_to = bool(_COPY_TO.match(norm))
+        return Shape(fingerprint, KIND_CODES.index("copy_to" if copy_to else "other"), False,
+                     (), False, False, False, False, bool(_OFFSET.search(norm)), False, False)
+    tables = _tables(tree)
+    keys = {k.lower() for k in settings.tenant_keys}
+    tenant_table = any(settings.is_tenant_table(t) for t in tables)
+    select = tree if isinstance(tree, exp.Select) else tree.find(exp.Select)
+    where = select.args.get("where") if select is not None else None
+    group = select.args.get("group") if select is not None else None
+    return Shape(
+        fingerprint=fingerprint,
+        kind=KIND_CODES.index(_kind(tree)),
+        parsed=True,
+        tables=tables,
+        select_star=select is not None and any(isinstance(e, exp.Star) for e in select.expressions),
+        has_where=where is not None,
+        tenant_filter=where is not None and _mentions_tenant(where, keys, tenant_table),
+        has_limit=select is not None and select.args.get("limit") is not None,
+        has_offset=select is not None and select.args.get("offset") is not None,
+        aggregate=select is not None and any(e.find(exp.AggFunc) for e in select.expressions),
+        group_by_tenant=group is not None and _mentions_tenant(group, keys, tenant_table),
+    )
+
+
+def _kind(tree: exp.Expression) -> str:
+    if isinstance(tree, exp.Copy):
+        return "copy_from" if tree.args.get("kind") else "copy_to"
+    if isinstance(tree, exp.Select | exp.Union | exp.Intersect | exp.Except):
+        return "select"
+    for cls, name in ((exp.Insert, "insert"), (exp.Update, "update"), (exp.Delete, "delete"),
+                      (exp.Set, "set"), (exp.Grant, "dcl")):
+        if isinstance(tree, cls):
+            return name
+    if isinstance(tree, exp.Create | exp.Drop | exp.Alter | exp.TruncateTable):
+        return "ddl"
+    if type(tree).__name__ in {"Revoke"}:
+        return "dcl"
+    return "other"
+
+
+def _tables(tree: exp.Expression) -> tuple[str, ...]:
+    names: list[str] = []
+    for table in tree.find_all(exp.Table):
+        if not table.name:
+            continue
+        name = f"{table.db}.{table.name}" if table.db else table.name
+        if name.lower() not in names:
+            names.append(name.lower())
+    return tuple(names)
+
+
+def _mentions_tenant(node: exp.Expression, keys: set[str], tenant_table: bool) -> bool:
+    for column in node.find_all(exp.Column):
+        name = column.name.lower()
+        if name in keys or (tenant_table and name == "id"):
+            return True
+    return False
