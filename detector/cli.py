@@ -1,0 +1,313 @@
+"""The ``exfilwatch`` command line: samples, train, score, eval, models."""
+
+from __future__ import annotations
+
+import sys
+from datetime import date
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from detector import pipeline
+from detector.errors import ExfilwatchError
+from detector.quarantine import Quarantine
+
+app = typer.Typer(help="Catch bulk theft of customer data in database access logs.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+samples_app = typer.Typer(help="Labelled sample logs.", no_args_is_help=True)
+models_app = typer.Typer(help="Model versions and aliases.", no_args_is_help=True)
+app.add_typer(samples_app, name="samples")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress:
+    """The pipeline's Progress protocol drawn with rich on stderr."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def start(self, description: str, total: int | None) -> None:
+        self.finish()
+        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn(),
+                             TimeRemainingColumn(), console=console, transient=False,
+                             disable=not console.is_terminal and total is None)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:,.0f}/s" if seconds > 0 else "-"
+
+
+def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+# ------------------------------------------------------------------------------------ samples
+class Compression(str, Enum):
+    none = "none"
+    gzip = "gzip"
+    zstd = "zstd"
+
+
+@samples_app.command("generate")
+def samples_generate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the sample to.")],
+    days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 7,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    start: Annotated[str, typer.Option(help="First simulated day (YYYY-MM-DD, UTC).")] = "2026-01-26",
+    events_per_day: Annotated[int, typer.Option(min=100)] = 40_000,
+    attack_days: Annotated[int, typer.Option(min=0, help="Final days that get the attacks.")] = 2,
+    jsonl_compression: Annotated[Compression, typer.Option()] = Compression.none,
+) -> None:
+    """Simulate a multi-tenant SaaS database's access log with labelled attacks."""
+    from detector.samples import write_sample
+
+    bar = RichProgress()
+    bar.start("simulating days", days)
+    done = 0
+
+    def step(d: int, _total: int) -> None:
+        nonlocal done
+        bar.advance(d - done)
+        done = d
+
+    summary = write_sample(out_dir, days=days, seed=seed, start=date.fromisoformat(start),
+                           events_per_day=events_per_day, attack_days=attack_days,
+                           jsonl_compression=None if jsonl_compression is Compression.none
+                           else jsonl_compression.value, progress=step)
+    bar.finish()
+    out.print(_kv_table("sample written", [
+        ("directory", out_dir), ("days", days), ("events", f"{summary.events:,}"),
+        ("scenarios", summary.scenarios),
+        *((p.name, f"{p.stat().st_size / 1e6:.1f} MB") for p in summary.paths),
+    ]))
+
+
+# ------------------------------------------------------------------------------------ train
+@app.command()
+def train(
+    inputs: Annotated[list[str], typer.Option("--input", help="Log files, directories or globs.")],
+    model_dir: Annotated[Path, typer.Option("--out", help="Model directory, e.g. models/NAME.")],
+    false_alerts_per_day: Annotated[float, typer.Option(min=0.0, help="Alert budget.")] = 1.0,
+    exclude_labels: Annotated[Path | None, typer.Option(
+        help="labels.json whose scenarios are kept out of training.")] = None,
+    trees: Annotated[int, typer.Option(min=10, max=2000)] = 100,
+    max_samples: Annotated[int, typer.Option(min=16)] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    warmup_hours: Annotated[float, typer.Option(min=0.0, help="History that only builds state.")] = 24.0,
+    promote: Annotated[bool, typer.Option(help="Point the 'current' alias at the new version.")] = False,
+    quarantine: Annotated[Path | None, typer.Option(help="Where rejected records go.")] = None,
+) -> None:
+    """Replay history through the feature engine, fit, calibrate and write a model version."""
+    opts = pipeline.TrainOptions(n_trees=trees, max_samples=max_samples, seed=seed,
+                                 warmup_hours=warmup_hours,
+                                 false_alerts_per_day=false_alerts_per_day,
+                                 exclude_labels=exclude_labels, promote=promote)
+    with Quarantine(quarantine) as q:
+        report = pipeline.train(inputs, model_dir, opts, quarantine=q, progress=RichProgress())
+    out.print(_kv_table(f"trained {model_dir.name}@{report.version_dir.name}", [
+        ("artefact", report.version_dir),
+        ("current alias", "moved here" if report.promoted else "unchanged (use models promote)"),
+        ("window", f"{report.window[0]} .. {report.window[1]}"),
+        ("events", f"{report.events:,} ({report.excluded:,} excluded by labels, "
+                   f"{report.rejected:,} rejected)"),
+        ("fit rows", f"{report.fit_rows:,}"),
+        ("held back", f"{report.heldback_rows:,} rows over {report.heldback_days:.1f} days"),
+        ("threshold", f"{report.threshold:.4f} ({report.heldback_incidents} incidents held back, "
+                      f"budget {false_alerts_per_day:g}/day)"),
+        ("replay", f"{report.seconds['replay']:.1f} s ({_rate(report.events, report.seconds['replay'])})"),
+        ("fit", f"{report.seconds['fit']:.1f} s"),
+    ]))
+
+
+# ------------------------------------------------------------------------------------ score
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="models/NAME (its 'current'), models/NAME/vN or NAME@ALIAS.")],
+    inputs: Annotated[list[str], typer.Option("--input", help="Log files, directories or globs.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Incidents as JSON lines.")],
+    warmup_hours: Annotated[float, typer.Option(min=0.0)] = 24.0,
+    batch_rows: Annotated[int, typer.Option(min=1)] = 100_000,
+    quarantine: Annotated[Path | None, typer.Option(help="Where rejected records go.")] = None,
+) -> None:
+    """Score logs in batch and write incidents."""
+    with Quarantine(quarantine) as q:
+        report = pipeline.score(model, inputs, out_path, batch_rows=batch_rows,
+                                warmup_hours=warmup_hours, quarantine=q, progress=RichProgress())
+    _print_score(report, out_path)
+
+
+def _print_score(report: pipeline.ScoreReport, out_path: Path) -> None:
+    state = ("continued from the model's training state" if report.continued_state
+             else f"fresh; no incidents before {report.warmup_until} (warm-up)")
+    out.print(_kv_table(f"scored with {report.model}", [
+        ("events", f"{report.events:,} ({report.rejected:,} rejected)"),
+        ("throughput", _rate(report.events, report.seconds)),
+        ("feature state", state),
+        ("anomalous events", f"{report.anomalies:,}"),
+        ("incidents", f"{len(report.incidents)} -> {out_path}"),
+        *((f"  {sev}", n) for sev, n in sorted(report.by_severity.items())),
+    ]))
+    if report.incidents:
+        table = Table(title="incidents", title_justify="left")
+        for col in ("first seen", "severity", "principal", "address", "events", "rows", "reason"):
+            table.add_column(col, overflow="fold")
+        for inc in sorted(report.incidents, key=lambda i: -i["anomaly_score"])[:20]:
+            table.add_row(inc["first_seen"][:19], inc["severity"], inc["principal"],
+                          ", ".join(inc["addresses"][:2]), str(inc["events"]),
+                          f"{inc['rows_read']:,}", inc["reason"])
+        out.print(table)
+
+
+# ------------------------------------------------------------------------------------ eval
+@app.command("eval")
+def evaluate_cmd(
+    models: Annotated[list[str], typer.Option("--model", help="One or more models to compare.")],
+    inputs: Annotated[list[str], typer.Option("--input", help="Labelled log files.")],
+    labels: Annotated[Path, typer.Option(help="labels.json of the input.")],
+    min_recall: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    max_false_per_day: Annotated[float | None, typer.Option(min=0.0)] = None,
+    warmup_hours: Annotated[float, typer.Option(min=0.0)] = 24.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report.")] = None,
+) -> None:
+    """Per scenario caught/missed and time to detect; false incidents per day. Exits 1 when a
+    gate (--min-recall, --max-false-per-day) is not met."""
+    from detector.evaluation import evaluate, load_labels
+
+    label_data = load_labels(labels)
+    reports = {}
+    for ref in models:
+        scored = pipeline.score(ref, inputs, None, warmup_hours=warmup_hours,
+                                progress=RichProgress())
+        reports[scored.model] = (evaluate(scored.incidents, label_data), scored)
+    names = list(reports)
+    table = Table(title="scenarios", title_justify="left")
+    table.add_column("scenario")
+    table.add_column("principal")
+    for name in names:
+        table.add_column(f"{name}\ncaught / time to detect", justify="right")
+    first = reports[names[0]][0]
+    for k, sc in enumerate(first.scenarios):
+        cells = []
+        for name in names:
+            r = reports[name][0].scenarios[k]
+            cells.append(f"[green]caught[/] {r.time_to_detect_s:,.0f} s ({r.severity})"
+                         if r.caught else "[red]missed[/]")
+        table.add_row(sc.scenario, sc.principal, *cells)
+    out.print(table)
+    summary = Table(title="overall", title_justify="left")
+    summary.add_column("measure")
+    for name in names:
+        summary.add_column(name, justify="right")
+    rows: list[tuple[str, list[str]]] = [
+        ("scenarios caught", [f"{sum(s.caught for s in reports[n][0].scenarios)}/"
+                              f"{len(reports[n][0].scenarios)}" for n in names]),
+        ("incidents", [str(reports[n][0].incidents) for n in names]),
+        ("false incidents", [str(len(reports[n][0].false_incidents)) for n in names]),
+        ("false incidents per day", [f"{reports[n][0].false_per_day:.2f}" for n in names]),
+        ("incident precision", [f"{reports[n][0].precision:.2f}" for n in names]),
+        *((f"false on {act}", [str(reports[n][0].benign_heavy.get(act, 0)) for n in names])
+          for act in first.benign_heavy),
+        ("events scored", [f"{reports[n][1].events:,}" for n in names]),
+    ]
+    for label, cells in rows:
+        summary.add_row(label, *cells)
+    out.print(summary)
+    if json_out is not None:
+        json_out.write_bytes(orjson.dumps({n: r[0].to_dict() for n, r in reports.items()},
+                                          option=orjson.OPT_INDENT_2))
+    failed = []
+    for name, (rep, _) in reports.items():
+        if min_recall is not None and rep.recall < min_recall:
+            failed.append(f"{name}: recall {rep.recall:.2f} < {min_recall:.2f}")
+        if max_false_per_day is not None and rep.false_per_day > max_false_per_day:
+            failed.append(f"{name}: {rep.false_per_day:.2f} false incidents/day > "
+                          f"{max_false_per_day:.2f}")
+    if failed:
+        for line in failed:
+            console.print(f"[red]gate not met[/]: {line}")
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------ models
+@models_app.command("list")
+def models_list(root: Annotated[Path, typer.Argument(help="Models root.")] = Path("models")) -> None:
+    """Every model, its versions, aliases, thresholds and training windows."""
+    import json
+
+    from detector.scoring import artefact as store
+
+    table = Table(title=f"models in {root}", title_justify="left")
+    for col in ("model", "version", "aliases", "created", "trained on", "threshold"):
+        table.add_column(col)
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        alias_map = store.aliases(model_dir)
+        for version in store.versions(model_dir):
+            meta = json.loads((model_dir / version / "metadata.json").read_text())
+            window = meta["training"]["window"]
+            table.add_row(model_dir.name, version,
+                          ", ".join(a for a, v in alias_map.items() if v == version),
+                          meta["created_at"][:19], f"{window['start'][:10]}..{window['end'][:10]}",
+                          f"{meta['threshold']['value']:.4f}")
+    out.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="Model name (directory under --root).")],
+    version: Annotated[str, typer.Argument(help="Version to serve, e.g. v2.")],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "current",
+    root: Annotated[Path, typer.Option(help="Models root.")] = Path("models"),
+) -> None:
+    """Point an alias at a version, atomically (checksums are verified first)."""
+    from detector.scoring import artefact as store
+
+    store.promote(root / name, version, alias)
+    out.print(f"{name}@{alias} -> {version}")
+
+
+def main() -> None:
+    """Console entry point: errors print one line and exit 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except ExfilwatchError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        from click.exceptions import ClickException
+
+        if isinstance(exc, ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

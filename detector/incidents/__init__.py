@@ -1,0 +1,1 @@
+"""Grouping anomalous events into incidents."""

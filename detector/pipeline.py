@@ -1,0 +1,365 @@
+"""The one place that knows the order of stages.
+
+    read (sources) -> features (FeatureEngine) -> score (Forest) -> incidents -> output
+
+Training is the same pipeline with a different end: it replays history through the same reader
+and the same FeatureEngine, then fits, calibrates and writes an artefact.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+import polars as pl
+
+from detector import __version__
+from detector.errors import InputError, ModelError
+from detector.features.engine import MODEL_FEATURES, FeatureEngine
+from detector.features.settings import FeatureSettings
+from detector.incidents import grouping
+from detector.quarantine import Quarantine
+from detector.scoring import artefact as store
+from detector.scoring.explain import explain, feature_stats
+from detector.scoring.forest import Forest, fit_forest
+from detector.scoring.threshold import calibrate, severity
+from detector.sources.files import expand_paths, read_events
+
+#: Columns kept from each feature batch while training (features + what grouping needs).
+_TRAIN_COLUMNS = ("event_time", "db_user", "action", "client_ip", "session_id", *MODEL_FEATURES)
+
+
+class Progress(Protocol):
+    """What the pipeline reports while it works (the CLI draws bars with it)."""
+
+    def start(self, description: str, total: int | None) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _Silent:
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    n_trees: int = 100
+    max_samples: int = 256
+    seed: int = 0
+    warmup_hours: float = 24.0
+    heldback_fraction: float = 0.25
+    false_alerts_per_day: float = 1.0
+    gap_s: float = grouping.DEFAULT_GAP_S
+    batch_rows: int = 100_000
+    exclude_labels: Path | None = None
+    promote: bool = False
+    settings: FeatureSettings = field(default_factory=FeatureSettings)
+
+
+@dataclass
+class TrainReport:
+    version_dir: Path
+    promoted: bool
+    events: int
+    excluded: int
+    rejected: int
+    fit_rows: int
+    heldback_rows: int
+    heldback_days: float
+    heldback_incidents: int
+    threshold: float
+    window: tuple[str, str]
+    seconds: dict[str, float]
+
+
+@dataclass
+class ScoreReport:
+    model: str
+    events: int
+    rejected: int
+    anomalies: int
+    incidents: list[dict[str, Any]]
+    continued_state: bool
+    warmup_until: str | None
+    seconds: float
+
+    @property
+    def by_severity(self) -> Counter[str]:
+        return Counter(i["severity"] for i in self.incidents)
+
+
+# ---------------------------------------------------------------------------- reading
+def total_rows(paths: Sequence[str | Path]) -> int | None:
+    """Rows to expect when every input is plain Parquet (for a progress total), else None."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in expand_paths(paths):
+        if not path.name.endswith(".parquet"):
+            return None
+        total += pq.ParquetFile(path).metadata.num_rows
+    return total
+
+
+def exclusion_filter(labels_path: Path) -> pl.Expr:
+    """True for events belonging to a labelled scenario (kept out of training)."""
+    try:
+        labels = json.loads(labels_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read labels {labels_path}: {exc}") from exc
+    expr = pl.lit(False)
+    for sc in labels.get("scenarios", []):
+        start = datetime.fromisoformat(sc["start"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(sc["end"].replace("Z", "+00:00"))
+        principals = sc.get("principals") or [sc["principal"]]
+        in_window = pl.col("event_time").is_between(start, end)
+        by_address = (pl.col("client_ip").is_in(sc.get("addresses", [])) & in_window
+                      & (pl.col("db_user").is_in(principals)
+                         | (pl.col("action") == "login_failed")))
+        expr = expr | pl.col("session_id").is_in(sc.get("sessions", [])).fill_null(False) | (
+            by_address.fill_null(False))
+    return expr
+
+
+def _events(paths: Sequence[str | Path], quarantine: Quarantine, batch_rows: int,
+            exclude: pl.Expr | None, counts: Counter[str]) -> Iterator[pl.DataFrame]:
+    for batch in read_events(paths, batch_rows=batch_rows, quarantine=quarantine):
+        if exclude is not None:
+            mask = batch.select(exclude).to_series()
+            dropped = int(mask.sum())
+            if dropped:
+                counts["excluded"] += dropped
+                batch = batch.filter(~mask)
+        counts["events"] += batch.height
+        if batch.height:
+            yield batch
+
+
+# ---------------------------------------------------------------------------- training
+def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | None = None, *,
+          quarantine: Quarantine | None = None, progress: Progress | None = None) -> TrainReport:
+    """Replay history, fit, calibrate to the alert budget, write a new model version."""
+    opts = options or TrainOptions()
+    prog = progress or _Silent()
+    quarantine = quarantine or Quarantine(None)
+    engine = FeatureEngine(opts.settings)
+    exclude = exclusion_filter(opts.exclude_labels) if opts.exclude_labels else None
+    counts: Counter[str] = Counter()
+    t_start = time.perf_counter()
+    prog.start("replaying history", total_rows(paths))
+    frames = []
+    for batch in _events(paths, quarantine, opts.batch_rows, exclude, counts):
+        frames.append(engine.transform(batch).select(_TRAIN_COLUMNS))
+        prog.advance(batch.height)
+    prog.finish()
+    if not frames:
+        raise InputError("no valid events to train on")
+    feats = pl.concat(frames)
+    t_replay = time.perf_counter() - t_start
+
+    t0, t1 = feats["event_time"].min(), feats["event_time"].max()
+    assert isinstance(t0, datetime) and isinstance(t1, datetime)
+    warm_end = t0 + timedelta(hours=opts.warmup_hours)
+    span = (t1 - warm_end).total_seconds()
+    if span < 2 * 3600:
+        raise InputError(f"training needs more history: {t1 - t0} given, warm-up alone is "
+                         f"{opts.warmup_hours} h (lower --warmup-hours or add days)")
+    held = max(opts.heldback_fraction * span, min(86400.0, span / 2))
+    held_start = t1 - timedelta(seconds=held)
+    fit = feats.filter(pl.col("event_time").is_between(warm_end, held_start, closed="left"))
+    heldback = feats.filter(pl.col("event_time") >= held_start)
+    X_fit = fit.select(MODEL_FEATURES).to_numpy()
+
+    prog.start("fitting isolation forest", None)
+    t_fit0 = time.perf_counter()
+    forest, _ = fit_forest(X_fit, n_trees=opts.n_trees, max_samples=opts.max_samples,
+                           seed=opts.seed)
+    t_fit = time.perf_counter() - t_fit0
+    prog.finish()
+
+    prog.start("calibrating threshold", None)
+    hb_scores = forest.score(heldback.select(MODEL_FEATURES).to_numpy())
+    scored_hb = heldback.select("event_time", "action", "client_ip", "session_id",
+                                "db_user").with_columns(anomaly_score=hb_scores)
+
+    def incidents_at(threshold: float) -> int:
+        return grouping.count(scored_hb.filter(pl.col("anomaly_score") >= threshold), opts.gap_s)
+
+    days = held / 86400.0
+    cal = calibrate(hb_scores, incidents_at, days=days, budget_per_day=opts.false_alerts_per_day)
+    prog.finish()
+
+    quantiles = {f"p{q:g}": float(np.quantile(hb_scores, q / 100))
+                 for q in (50, 90, 99, 99.9, 99.99)} | {"max": float(hb_scores.max())}
+    metadata = {
+        "created_at": datetime.now(UTC).isoformat(),
+        "feature_spec": engine.spec,
+        "feature_spec_hash": engine.spec_hash,
+        "features": list(MODEL_FEATURES),
+        "libraries": _libraries(),
+        "training": {
+            "inputs": [str(p) for p in paths],
+            "window": {"start": t0.isoformat(), "end": t1.isoformat()},
+            "warmup_until": warm_end.isoformat(),
+            "heldback_from": held_start.isoformat(),
+            "events": counts["events"], "excluded_events": counts["excluded"],
+            "rejected_records": quarantine.total,
+            "fit_rows": fit.height, "heldback_rows": heldback.height,
+            "exclude_labels": str(opts.exclude_labels) if opts.exclude_labels else None,
+        },
+        "forest": {"trees": opts.n_trees, "max_samples": opts.max_samples, "seed": opts.seed,
+                   "depth": forest.depth},
+        "score_quantiles_heldback": quantiles,
+        "threshold": cal.to_dict(),
+        "grouping": {"gap_s": opts.gap_s},
+        "feature_stats": feature_stats(X_fit, MODEL_FEATURES),
+    }
+    version_dir = store.write_version(model_dir, forest, metadata, engine.save_state)
+    promoted = opts.promote or "current" not in store.aliases(model_dir)
+    if promoted:
+        store.promote(model_dir, version_dir.name)
+    return TrainReport(
+        version_dir=version_dir, promoted=promoted, events=counts["events"],
+        excluded=counts["excluded"], rejected=quarantine.total, fit_rows=fit.height,
+        heldback_rows=heldback.height, heldback_days=days,
+        heldback_incidents=cal.heldback_incidents, threshold=cal.value,
+        window=(t0.isoformat(), t1.isoformat()),
+        seconds={"replay": t_replay, "fit": t_fit, "total": time.perf_counter() - t_start},
+    )
+
+
+def _libraries() -> dict[str, str]:
+    libs = {"python": platform.python_version(), "exfilwatch": __version__}
+    for dist in ("scikit-learn", "numpy", "polars", "pyarrow", "numba", "sqlglot"):
+        try:
+            libs[dist] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            libs[dist] = "unknown"
+    return libs
+
+
+# ---------------------------------------------------------------------------- scoring
+class Scorer:
+    """Features + forest + threshold of one model version, fed batch after batch."""
+
+    def __init__(self, art: store.Artefact, *, continue_state: bool = True) -> None:
+        meta = art.metadata
+        self.artefact = art
+        self.engine = FeatureEngine(FeatureSettings(**meta["feature_spec"]["settings"]))
+        if self.engine.spec_hash != meta["feature_spec_hash"]:
+            raise ModelError(f"{art.path} was trained with another feature spec than this "
+                             "exfilwatch computes; retrain it with this version")
+        if continue_state:
+            self.engine.load_state(art.path)
+        self.forest: Forest = art.forest
+        self.threshold = art.threshold
+        self.bands: dict[str, float] = meta["threshold"]["bands"]
+        self.stats: dict[str, dict[str, float]] = meta["feature_stats"]
+        self.gap_s = float(meta["grouping"]["gap_s"])
+
+    def score(self, events: pl.DataFrame) -> pl.DataFrame:
+        """Feature rows of ``events`` with ``anomaly_score`` (higher = more anomalous)."""
+        feats = self.engine.transform(events)
+        scores = self.forest.score(feats.select(MODEL_FEATURES).to_numpy())
+        return feats.with_columns(anomaly_score=pl.Series(scores))
+
+    def explain(self, row: Any) -> dict[str, Any]:
+        return explain(row, self.stats)
+
+    def severity(self, score: float, heavy: bool) -> str:
+        return severity(score, self.bands, heavy=heavy)
+
+    def incidents(self, anomalies: pl.DataFrame) -> list[dict[str, Any]]:
+        return grouping.build(anomalies, explain=self.explain, severity=self.severity,
+                              gap_s=self.gap_s)
+
+
+def state_end(art: store.Artefact) -> datetime | None:
+    last = json.loads((art.path / "state.json").read_text()).get("last_event_time")
+    return datetime.fromtimestamp(last, UTC) if last is not None else None
+
+
+def score(model_ref: str | Path, paths: Sequence[str | Path], out: Path | None, *,
+          batch_rows: int = 100_000, warmup_hours: float = 24.0,
+          quarantine: Quarantine | None = None, progress: Progress | None = None,
+          on_anomalies: Callable[[pl.DataFrame], None] | None = None) -> ScoreReport:
+    """Score logs in batch and write incidents as JSON lines.
+
+    When the logs start after the model's training window, scoring continues from the feature
+    state saved with the model. When they overlap it (e.g. scoring the training sample itself),
+    the engine starts fresh and no incident is raised during the first ``warmup_hours``, while
+    the principals' habits are learnt again.
+    """
+    prog = progress or _Silent()
+    quarantine = quarantine or Quarantine(None)
+    art = store.load(model_ref)
+    counts: Counter[str] = Counter()
+    t_start = time.perf_counter()
+    batches = _events(paths, quarantine, batch_rows, None, counts)
+    first = next(batches, None)
+    ended = state_end(art)
+    first_time = first["event_time"].min() if first is not None else None
+    continued = first_time is None or ended is None or first_time >= ended - timedelta(minutes=5)
+    scorer = Scorer(art, continue_state=continued)
+    warm_until = None if continued else first_time + timedelta(hours=warmup_hours)
+    prog.start("scoring", total_rows(paths))
+    kept = []
+    if first is not None:
+        kept.append(_score_batch(scorer, first, warm_until, on_anomalies))
+        prog.advance(first.height)
+    for batch in batches:
+        kept.append(_score_batch(scorer, batch, warm_until, on_anomalies))
+        prog.advance(batch.height)
+    prog.finish()
+    anomalies = pl.concat(kept) if kept else None
+    incidents = scorer.incidents(anomalies) if anomalies is not None else []
+    if out is not None:
+        write_jsonl(out, incidents)
+    return ScoreReport(
+        model=art.ref, events=counts["events"], rejected=quarantine.total,
+        anomalies=anomalies.height if anomalies is not None else 0, incidents=incidents,
+        continued_state=continued,
+        warmup_until=warm_until.isoformat() if warm_until is not None else None,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def _score_batch(scorer: Scorer, batch: pl.DataFrame, warm_until: datetime | None,
+                 on_anomalies: Callable[[pl.DataFrame], None] | None) -> pl.DataFrame:
+    scored = scorer.score(batch)
+    hit = pl.col("anomaly_score") >= scorer.threshold
+    if warm_until is not None:
+        hit = hit & (pl.col("event_time") >= warm_until)
+    anomalies = scored.filter(hit)
+    if on_anomalies is not None and anomalies.height:
+        on_anomalies(anomalies)
+    return anomalies
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write records as JSON lines, atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        for rec in records:
+            fh.write(orjson.dumps(rec) + b"\n")
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""Model fit and score, threshold policy, explanation, artefact store."""
