@@ -11,16 +11,26 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from detector import pipeline
 from detector.errors import ExfilwatchError
 from detector.quarantine import Quarantine
 
-app = typer.Typer(help="Catch bulk theft of customer data in database access logs.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Catch bulk theft of customer data in database access logs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 samples_app = typer.Typer(help="Labelled sample logs.", no_args_is_help=True)
 models_app = typer.Typer(help="Model versions and aliases.", no_args_is_help=True)
 app.add_typer(samples_app, name="samples")
@@ -38,10 +48,18 @@ class RichProgress:
 
     def start(self, description: str, total: int | None) -> None:
         self.finish()
-        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                             MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn(),
-                             TimeRemainingColumn(), console=console, transient=False,
-                             disable=not console.is_terminal and total is None)
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal and total is None,
+        )
         self._bar.start()
         self._task = self._bar.add_task(description, total=total)
 
@@ -80,7 +98,9 @@ def samples_generate(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the sample to.")],
     days: Annotated[int, typer.Option(min=1, help="Simulated days.")] = 7,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
-    start: Annotated[str, typer.Option(help="First simulated day (YYYY-MM-DD, UTC).")] = "2026-01-26",
+    start: Annotated[
+        str, typer.Option(help="First simulated day (YYYY-MM-DD, UTC).")
+    ] = "2026-01-26",
     events_per_day: Annotated[int, typer.Option(min=100)] = 40_000,
     attack_days: Annotated[int, typer.Option(min=0, help="Final days that get the attacks.")] = 2,
     jsonl_compression: Annotated[Compression, typer.Option()] = Compression.none,
@@ -97,16 +117,32 @@ def samples_generate(
         bar.advance(d - done)
         done = d
 
-    summary = write_sample(out_dir, days=days, seed=seed, start=date.fromisoformat(start),
-                           events_per_day=events_per_day, attack_days=attack_days,
-                           jsonl_compression=None if jsonl_compression is Compression.none
-                           else jsonl_compression.value, progress=step)
+    summary = write_sample(
+        out_dir,
+        days=days,
+        seed=seed,
+        start=date.fromisoformat(start),
+        events_per_day=events_per_day,
+        attack_days=attack_days,
+        jsonl_compression=None
+        if jsonl_compression is Compression.none
+        else jsonl_compression.value,
+        progress=step,
+    )
     bar.finish()
-    out.print(_kv_table("sample written", [
-        ("directory", out_dir), ("days", days), ("events", f"{summary.events:,}"),
-        ("scenarios", summary.scenarios),
-        *((p.name, f"{p.stat().st_size / 1e6:.1f} MB") for p in summary.paths),
-    ]))
+    out.print(
+        _kv_table(
+            "sample written",
+            [
+                ("directory", out_dir),
+                ("days", days),
+                ("events", f"{summary.events:,}"),
+                ("scenarios", summary.scenarios),
+                *((p.name, f"{p.stat().st_size / 1e6:.1f} MB")
+          for p in (summary.parquet, summary.jsonl, summary.labels)),
+            ],
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------ train
@@ -115,41 +151,73 @@ def train(
     inputs: Annotated[list[str], typer.Option("--input", help="Log files, directories or globs.")],
     model_dir: Annotated[Path, typer.Option("--out", help="Model directory, e.g. models/NAME.")],
     false_alerts_per_day: Annotated[float, typer.Option(min=0.0, help="Alert budget.")] = 1.0,
-    exclude_labels: Annotated[Path | None, typer.Option(
-        help="labels.json whose scenarios are kept out of training.")] = None,
+    exclude_labels: Annotated[
+        Path | None, typer.Option(help="labels.json whose scenarios are kept out of training.")
+    ] = None,
     trees: Annotated[int, typer.Option(min=10, max=2000)] = 100,
     max_samples: Annotated[int, typer.Option(min=16)] = 256,
     seed: Annotated[int, typer.Option()] = 0,
-    warmup_hours: Annotated[float, typer.Option(min=0.0, help="History that only builds state.")] = 24.0,
-    promote: Annotated[bool, typer.Option(help="Point the 'current' alias at the new version.")] = False,
+    warmup_hours: Annotated[
+        float, typer.Option(min=0.0, help="History that only builds state.")
+    ] = 24.0,
+    promote: Annotated[
+        bool, typer.Option(help="Point the 'current' alias at the new version.")
+    ] = False,
     quarantine: Annotated[Path | None, typer.Option(help="Where rejected records go.")] = None,
 ) -> None:
     """Replay history through the feature engine, fit, calibrate and write a model version."""
-    opts = pipeline.TrainOptions(n_trees=trees, max_samples=max_samples, seed=seed,
-                                 warmup_hours=warmup_hours,
-                                 false_alerts_per_day=false_alerts_per_day,
-                                 exclude_labels=exclude_labels, promote=promote)
+    opts = pipeline.TrainOptions(
+        n_trees=trees,
+        max_samples=max_samples,
+        seed=seed,
+        warmup_hours=warmup_hours,
+        false_alerts_per_day=false_alerts_per_day,
+        exclude_labels=exclude_labels,
+        promote=promote,
+    )
     with Quarantine(quarantine) as q:
         report = pipeline.train(inputs, model_dir, opts, quarantine=q, progress=RichProgress())
-    out.print(_kv_table(f"trained {model_dir.name}@{report.version_dir.name}", [
-        ("artefact", report.version_dir),
-        ("current alias", "moved here" if report.promoted else "unchanged (use models promote)"),
-        ("window", f"{report.window[0]} .. {report.window[1]}"),
-        ("events", f"{report.events:,} ({report.excluded:,} excluded by labels, "
-                   f"{report.rejected:,} rejected)"),
-        ("fit rows", f"{report.fit_rows:,}"),
-        ("held back", f"{report.heldback_rows:,} rows over {report.heldback_days:.1f} days"),
-        ("threshold", f"{report.threshold:.4f} ({report.heldback_incidents} incidents held back, "
-                      f"budget {false_alerts_per_day:g}/day)"),
-        ("replay", f"{report.seconds['replay']:.1f} s ({_rate(report.events, report.seconds['replay'])})"),
-        ("fit", f"{report.seconds['fit']:.1f} s"),
-    ]))
+    out.print(
+        _kv_table(
+            f"trained {model_dir.name}@{report.version_dir.name}",
+            [
+                ("artefact", report.version_dir),
+                (
+                    "current alias",
+                    "moved here" if report.promoted else "unchanged (use models promote)",
+                ),
+                ("window", f"{report.window[0]} .. {report.window[1]}"),
+                (
+                    "events",
+                    f"{report.events:,} ({report.excluded:,} excluded by labels, "
+                    f"{report.rejected:,} rejected)",
+                ),
+                ("fit rows", f"{report.fit_rows:,}"),
+                (
+                    "held back",
+                    f"{report.heldback_rows:,} rows over {report.heldback_days:.1f} days",
+                ),
+                (
+                    "threshold",
+                    f"{report.threshold:.4f} ({report.heldback_incidents} incidents held back, "
+                    f"budget {false_alerts_per_day:g}/day)",
+                ),
+                (
+                    "replay",
+                    f"{report.seconds['replay']:.1f} s ({_rate(report.events, report.seconds['replay'])})",
+                ),
+                ("fit", f"{report.seconds['fit']:.1f} s"),
+            ],
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------ score
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="models/NAME (its 'current'), models/NAME/vN or NAME@ALIAS.")],
+    model: Annotated[
+        str, typer.Option(help="models/NAME (its 'current'), models/NAME/vN or NAME@ALIAS.")
+    ],
     inputs: Annotated[list[str], typer.Option("--input", help="Log files, directories or globs.")],
     out_path: Annotated[Path, typer.Option("--out", help="Incidents as JSON lines.")],
     warmup_hours: Annotated[float, typer.Option(min=0.0)] = 24.0,
@@ -158,30 +226,51 @@ def score(
 ) -> None:
     """Score logs in batch and write incidents."""
     with Quarantine(quarantine) as q:
-        report = pipeline.score(model, inputs, out_path, batch_rows=batch_rows,
-                                warmup_hours=warmup_hours, quarantine=q, progress=RichProgress())
+        report = pipeline.score(
+            model,
+            inputs,
+            out_path,
+            batch_rows=batch_rows,
+            warmup_hours=warmup_hours,
+            quarantine=q,
+            progress=RichProgress(),
+        )
     _print_score(report, out_path)
 
 
 def _print_score(report: pipeline.ScoreReport, out_path: Path) -> None:
-    state = ("continued from the model's training state" if report.continued_state
-             else f"fresh; no incidents before {report.warmup_until} (warm-up)")
-    out.print(_kv_table(f"scored with {report.model}", [
-        ("events", f"{report.events:,} ({report.rejected:,} rejected)"),
-        ("throughput", _rate(report.events, report.seconds)),
-        ("feature state", state),
-        ("anomalous events", f"{report.anomalies:,}"),
-        ("incidents", f"{len(report.incidents)} -> {out_path}"),
-        *((f"  {sev}", n) for sev, n in sorted(report.by_severity.items())),
-    ]))
+    state = (
+        "continued from the model's training state"
+        if report.continued_state
+        else f"fresh; no incidents before {report.warmup_until} (warm-up)"
+    )
+    out.print(
+        _kv_table(
+            f"scored with {report.model}",
+            [
+                ("events", f"{report.events:,} ({report.rejected:,} rejected)"),
+                ("throughput", _rate(report.events, report.seconds)),
+                ("feature state", state),
+                ("anomalous events", f"{report.anomalies:,}"),
+                ("incidents", f"{len(report.incidents)} -> {out_path}"),
+                *((f"  {sev}", n) for sev, n in sorted(report.by_severity.items())),
+            ],
+        )
+    )
     if report.incidents:
         table = Table(title="incidents", title_justify="left")
         for col in ("first seen", "severity", "principal", "address", "events", "rows", "reason"):
             table.add_column(col, overflow="fold")
         for inc in sorted(report.incidents, key=lambda i: -i["anomaly_score"])[:20]:
-            table.add_row(inc["first_seen"][:19], inc["severity"], inc["principal"],
-                          ", ".join(inc["addresses"][:2]), str(inc["events"]),
-                          f"{inc['rows_read']:,}", inc["reason"])
+            table.add_row(
+                inc["first_seen"][:19],
+                inc["severity"],
+                inc["principal"],
+                ", ".join(inc["addresses"][:2]),
+                str(inc["events"]),
+                f"{inc['rows_read']:,}",
+                inc["reason"],
+            )
         out.print(table)
 
 
@@ -203,8 +292,9 @@ def evaluate_cmd(
     label_data = load_labels(labels)
     reports = {}
     for ref in models:
-        scored = pipeline.score(ref, inputs, None, warmup_hours=warmup_hours,
-                                progress=RichProgress())
+        scored = pipeline.score(
+            ref, inputs, None, warmup_hours=warmup_hours, progress=RichProgress()
+        )
         reports[scored.model] = (evaluate(scored.incidents, label_data), scored)
     names = list(reports)
     table = Table(title="scenarios", title_justify="left")
@@ -217,8 +307,11 @@ def evaluate_cmd(
         cells = []
         for name in names:
             r = reports[name][0].scenarios[k]
-            cells.append(f"[green]caught[/] {r.time_to_detect_s:,.0f} s ({r.severity})"
-                         if r.caught else "[red]missed[/]")
+            cells.append(
+                f"[green]caught[/] {r.time_to_detect_s:,.0f} s ({r.severity})"
+                if r.caught
+                else "[red]missed[/]"
+            )
         table.add_row(sc.scenario, sc.principal, *cells)
     out.print(table)
     summary = Table(title="overall", title_justify="left")
@@ -226,29 +319,40 @@ def evaluate_cmd(
     for name in names:
         summary.add_column(name, justify="right")
     rows: list[tuple[str, list[str]]] = [
-        ("scenarios caught", [f"{sum(s.caught for s in reports[n][0].scenarios)}/"
-                              f"{len(reports[n][0].scenarios)}" for n in names]),
+        (
+            "scenarios caught",
+            [
+                f"{sum(s.caught for s in reports[n][0].scenarios)}/{len(reports[n][0].scenarios)}"
+                for n in names
+            ],
+        ),
         ("incidents", [str(reports[n][0].incidents) for n in names]),
         ("false incidents", [str(len(reports[n][0].false_incidents)) for n in names]),
         ("false incidents per day", [f"{reports[n][0].false_per_day:.2f}" for n in names]),
         ("incident precision", [f"{reports[n][0].precision:.2f}" for n in names]),
-        *((f"false on {act}", [str(reports[n][0].benign_heavy.get(act, 0)) for n in names])
-          for act in first.benign_heavy),
+        *(
+            (f"false on {act}", [str(reports[n][0].benign_heavy.get(act, 0)) for n in names])
+            for act in first.benign_heavy
+        ),
         ("events scored", [f"{reports[n][1].events:,}" for n in names]),
     ]
     for label, cells in rows:
         summary.add_row(label, *cells)
     out.print(summary)
     if json_out is not None:
-        json_out.write_bytes(orjson.dumps({n: r[0].to_dict() for n, r in reports.items()},
-                                          option=orjson.OPT_INDENT_2))
+        json_out.write_bytes(
+            orjson.dumps(
+                {n: r[0].to_dict() for n, r in reports.items()}, option=orjson.OPT_INDENT_2
+            )
+        )
     failed = []
     for name, (rep, _) in reports.items():
         if min_recall is not None and rep.recall < min_recall:
             failed.append(f"{name}: recall {rep.recall:.2f} < {min_recall:.2f}")
         if max_false_per_day is not None and rep.false_per_day > max_false_per_day:
-            failed.append(f"{name}: {rep.false_per_day:.2f} false incidents/day > "
-                          f"{max_false_per_day:.2f}")
+            failed.append(
+                f"{name}: {rep.false_per_day:.2f} false incidents/day > {max_false_per_day:.2f}"
+            )
     if failed:
         for line in failed:
             console.print(f"[red]gate not met[/]: {line}")
@@ -257,7 +361,9 @@ def evaluate_cmd(
 
 # ------------------------------------------------------------------------------------ models
 @models_app.command("list")
-def models_list(root: Annotated[Path, typer.Argument(help="Models root.")] = Path("models")) -> None:
+def models_list(
+    root: Annotated[Path, typer.Argument(help="Models root.")] = Path("models"),
+) -> None:
     """Every model, its versions, aliases, thresholds and training windows."""
     import json
 
@@ -271,10 +377,14 @@ def models_list(root: Annotated[Path, typer.Argument(help="Models root.")] = Pat
         for version in store.versions(model_dir):
             meta = json.loads((model_dir / version / "metadata.json").read_text())
             window = meta["training"]["window"]
-            table.add_row(model_dir.name, version,
-                          ", ".join(a for a, v in alias_map.items() if v == version),
-                          meta["created_at"][:19], f"{window['start'][:10]}..{window['end'][:10]}",
-                          f"{meta['threshold']['value']:.4f}")
+            table.add_row(
+                model_dir.name,
+                version,
+                ", ".join(a for a, v in alias_map.items() if v == version),
+                meta["created_at"][:19],
+                f"{window['start'][:10]}..{window['end'][:10]}",
+                f"{meta['threshold']['value']:.4f}",
+            )
     out.print(table)
 
 

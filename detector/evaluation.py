@@ -45,7 +45,9 @@ class EvalReport:
 
     @property
     def recall(self) -> float:
-        return sum(s.caught for s in self.scenarios) / len(self.scenarios) if self.scenarios else 1.0
+        return (
+            sum(s.caught for s in self.scenarios) / len(self.scenarios) if self.scenarios else 1.0
+        )
 
     @property
     def false_per_day(self) -> float:
@@ -57,9 +59,13 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "days": self.days, "recall": self.recall, "precision": self.precision,
-            "incidents": self.incidents, "false_incidents": len(self.false_incidents),
-            "false_per_day": self.false_per_day, "benign_heavy": self.benign_heavy,
+            "days": self.days,
+            "recall": self.recall,
+            "precision": self.precision,
+            "incidents": self.incidents,
+            "false_incidents": len(self.false_incidents),
+            "false_per_day": self.false_per_day,
+            "benign_heavy": self.benign_heavy,
             "scenarios": [vars(s) for s in self.scenarios],
             "false_incident_ids": [i["id"] for i in self.false_incidents],
         }
@@ -79,8 +85,9 @@ def matches(incident: dict[str, Any], scenario: dict[str, Any]) -> bool:
     principals = set(scenario.get("principals") or [scenario["principal"]])
     if not principals & set(incident["principals"]):
         return False
-    shared = (set(incident["addresses"]) & set(scenario.get("addresses", []))
-              or set(incident["sessions"]) & set(scenario.get("sessions", [])))
+    shared = set(incident["addresses"]) & set(scenario.get("addresses", [])) or set(
+        incident["sessions"]
+    ) & set(scenario.get("sessions", []))
     if not shared:
         return False
     first, last = _t(incident["first_seen"]), _t(incident["last_seen"])
@@ -94,19 +101,32 @@ def evaluate(incidents: Sequence[dict[str, Any]], labels: dict[str, Any]) -> Eva
     for sc in labels["scenarios"]:
         hits = sorted((i for i in incidents if matches(i, sc)), key=lambda i: i["first_seen"])
         matched.update(i["id"] for i in hits)
-        ttd = (max(0.0, (_t(hits[0]["first_seen"]) - _t(sc["start"])).total_seconds())
-               if hits else None)
+        ttd = (
+            max(0.0, (_t(hits[0]["first_seen"]) - _t(sc["start"])).total_seconds())
+            if hits
+            else None
+        )
         order = ("low", "medium", "high", "critical")
         sev = max((i["severity"] for i in hits), key=order.index) if hits else None
-        results.append(ScenarioResult(sc["scenario"], sc["principal"], sc["start"], bool(hits),
-                                      ttd, [i["id"] for i in hits], sev))
+        results.append(
+            ScenarioResult(
+                sc["scenario"],
+                sc["principal"],
+                sc["start"],
+                bool(hits),
+                ttd,
+                [i["id"] for i in hits],
+                sev,
+            )
+        )
     false = [i for i in incidents if i["id"] not in matched]
     heavy: dict[str, int] = {}
     for activity in labels.get("benign_heavy", []):
         name = activity["activity"]
         windows = [(_t(a) - SLACK, _t(b) + SLACK) for a, b in activity.get("windows", [])]
         heavy[name] = heavy.get(name, 0) + sum(
-            1 for i in false
+            1
+            for i in false
             if activity["principal"] in i["principals"]
             and any(_t(i["first_seen"]) <= b and _t(i["last_seen"]) >= a for a, b in windows)
         )

@@ -25,13 +25,13 @@ import polars as pl
 
 from detector import __version__
 from detector.errors import InputError, ModelError
-from detector.features.engine import MODEL_FEATURES, FeatureEngine
+from detector.features.engine import MODEL_FEATURES, PLAUSIBLE, FeatureEngine
 from detector.features.settings import FeatureSettings
 from detector.incidents import grouping
 from detector.quarantine import Quarantine
 from detector.scoring import artefact as store
 from detector.scoring.explain import explain, feature_stats
-from detector.scoring.forest import Forest, fit_forest
+from detector.scoring.forest import Forest, fit_forest, pad_quiet_dimensions
 from detector.scoring.threshold import calibrate, severity
 from detector.sources.files import expand_paths, read_events
 
@@ -132,16 +132,26 @@ def exclusion_filter(labels_path: Path) -> pl.Expr:
         end = datetime.fromisoformat(sc["end"].replace("Z", "+00:00"))
         principals = sc.get("principals") or [sc["principal"]]
         in_window = pl.col("event_time").is_between(start, end)
-        by_address = (pl.col("client_ip").is_in(sc.get("addresses", [])) & in_window
-                      & (pl.col("db_user").is_in(principals)
-                         | (pl.col("action") == "login_failed")))
-        expr = expr | pl.col("session_id").is_in(sc.get("sessions", [])).fill_null(False) | (
-            by_address.fill_null(False))
+        by_address = (
+            pl.col("client_ip").is_in(sc.get("addresses", []))
+            & in_window
+            & (pl.col("db_user").is_in(principals) | (pl.col("action") == "login_failed"))
+        )
+        expr = (
+            expr
+            | pl.col("session_id").is_in(sc.get("sessions", [])).fill_null(False)
+            | (by_address.fill_null(False))
+        )
     return expr
 
 
-def _events(paths: Sequence[str | Path], quarantine: Quarantine, batch_rows: int,
-            exclude: pl.Expr | None, counts: Counter[str]) -> Iterator[pl.DataFrame]:
+def _events(
+    paths: Sequence[str | Path],
+    quarantine: Quarantine,
+    batch_rows: int,
+    exclude: pl.Expr | None,
+    counts: Counter[str],
+) -> Iterator[pl.DataFrame]:
     for batch in read_events(paths, batch_rows=batch_rows, quarantine=quarantine):
         if exclude is not None:
             mask = batch.select(exclude).to_series()
@@ -155,8 +165,14 @@ def _events(paths: Sequence[str | Path], quarantine: Quarantine, batch_rows: int
 
 
 # ---------------------------------------------------------------------------- training
-def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | None = None, *,
-          quarantine: Quarantine | None = None, progress: Progress | None = None) -> TrainReport:
+def train(
+    paths: Sequence[str | Path],
+    model_dir: Path,
+    options: TrainOptions | None = None,
+    *,
+    quarantine: Quarantine | None = None,
+    progress: Progress | None = None,
+) -> TrainReport:
     """Replay history, fit, calibrate to the alert budget, write a new model version."""
     opts = options or TrainOptions()
     prog = progress or _Silent()
@@ -181,8 +197,10 @@ def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | 
     warm_end = t0 + timedelta(hours=opts.warmup_hours)
     span = (t1 - warm_end).total_seconds()
     if span < 2 * 3600:
-        raise InputError(f"training needs more history: {t1 - t0} given, warm-up alone is "
-                         f"{opts.warmup_hours} h (lower --warmup-hours or add days)")
+        raise InputError(
+            f"training needs more history: {t1 - t0} given, warm-up alone is "
+            f"{opts.warmup_hours} h (lower --warmup-hours or add days)"
+        )
     held = max(opts.heldback_fraction * span, min(86400.0, span / 2))
     held_start = t1 - timedelta(seconds=held)
     fit = feats.filter(pl.col("event_time").is_between(warm_end, held_start, closed="left"))
@@ -191,15 +209,18 @@ def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | 
 
     prog.start("fitting isolation forest", None)
     t_fit0 = time.perf_counter()
-    forest, _ = fit_forest(X_fit, n_trees=opts.n_trees, max_samples=opts.max_samples,
-                           seed=opts.seed)
+    X_padded, padded = pad_quiet_dimensions(X_fit, np.asarray(PLAUSIBLE), seed=opts.seed)
+    forest, _ = fit_forest(
+        X_padded, n_trees=opts.n_trees, max_samples=opts.max_samples, seed=opts.seed
+    )
     t_fit = time.perf_counter() - t_fit0
     prog.finish()
 
     prog.start("calibrating threshold", None)
     hb_scores = forest.score(heldback.select(MODEL_FEATURES).to_numpy())
-    scored_hb = heldback.select("event_time", "action", "client_ip", "session_id",
-                                "db_user").with_columns(anomaly_score=hb_scores)
+    scored_hb = heldback.select(
+        "event_time", "action", "client_ip", "session_id", "db_user"
+    ).with_columns(anomaly_score=hb_scores)
 
     def incidents_at(threshold: float) -> int:
         return grouping.count(scored_hb.filter(pl.col("anomaly_score") >= threshold), opts.gap_s)
@@ -208,8 +229,9 @@ def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | 
     cal = calibrate(hb_scores, incidents_at, days=days, budget_per_day=opts.false_alerts_per_day)
     prog.finish()
 
-    quantiles = {f"p{q:g}": float(np.quantile(hb_scores, q / 100))
-                 for q in (50, 90, 99, 99.9, 99.99)} | {"max": float(hb_scores.max())}
+    quantiles = {
+        f"p{q:g}": float(np.quantile(hb_scores, q / 100)) for q in (50, 90, 99, 99.9, 99.99)
+    } | {"max": float(hb_scores.max())}
     metadata = {
         "created_at": datetime.now(UTC).isoformat(),
         "feature_spec": engine.spec,
@@ -221,13 +243,20 @@ def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | 
             "window": {"start": t0.isoformat(), "end": t1.isoformat()},
             "warmup_until": warm_end.isoformat(),
             "heldback_from": held_start.isoformat(),
-            "events": counts["events"], "excluded_events": counts["excluded"],
+            "events": counts["events"],
+            "excluded_events": counts["excluded"],
             "rejected_records": quarantine.total,
-            "fit_rows": fit.height, "heldback_rows": heldback.height,
+            "fit_rows": fit.height,
+            "heldback_rows": heldback.height,
             "exclude_labels": str(opts.exclude_labels) if opts.exclude_labels else None,
         },
-        "forest": {"trees": opts.n_trees, "max_samples": opts.max_samples, "seed": opts.seed,
-                   "depth": forest.depth},
+        "forest": {
+            "trees": opts.n_trees,
+            "max_samples": opts.max_samples,
+            "seed": opts.seed,
+            "depth": forest.depth,
+            "padded_features": [MODEL_FEATURES[j] for j in padded],
+        },
         "score_quantiles_heldback": quantiles,
         "threshold": cal.to_dict(),
         "grouping": {"gap_s": opts.gap_s},
@@ -238,10 +267,16 @@ def train(paths: Sequence[str | Path], model_dir: Path, options: TrainOptions | 
     if promoted:
         store.promote(model_dir, version_dir.name)
     return TrainReport(
-        version_dir=version_dir, promoted=promoted, events=counts["events"],
-        excluded=counts["excluded"], rejected=quarantine.total, fit_rows=fit.height,
-        heldback_rows=heldback.height, heldback_days=days,
-        heldback_incidents=cal.heldback_incidents, threshold=cal.value,
+        version_dir=version_dir,
+        promoted=promoted,
+        events=counts["events"],
+        excluded=counts["excluded"],
+        rejected=quarantine.total,
+        fit_rows=fit.height,
+        heldback_rows=heldback.height,
+        heldback_days=days,
+        heldback_incidents=cal.heldback_incidents,
+        threshold=cal.value,
         window=(t0.isoformat(), t1.isoformat()),
         seconds={"replay": t_replay, "fit": t_fit, "total": time.perf_counter() - t_start},
     )
@@ -266,8 +301,10 @@ class Scorer:
         self.artefact = art
         self.engine = FeatureEngine(FeatureSettings(**meta["feature_spec"]["settings"]))
         if self.engine.spec_hash != meta["feature_spec_hash"]:
-            raise ModelError(f"{art.path} was trained with another feature spec than this "
-                             "exfilwatch computes; retrain it with this version")
+            raise ModelError(
+                f"{art.path} was trained with another feature spec than this "
+                "exfilwatch computes; retrain it with this version"
+            )
         if continue_state:
             self.engine.load_state(art.path)
         self.forest: Forest = art.forest
@@ -289,8 +326,9 @@ class Scorer:
         return severity(score, self.bands, heavy=heavy)
 
     def incidents(self, anomalies: pl.DataFrame) -> list[dict[str, Any]]:
-        return grouping.build(anomalies, explain=self.explain, severity=self.severity,
-                              gap_s=self.gap_s)
+        return grouping.build(
+            anomalies, explain=self.explain, severity=self.severity, gap_s=self.gap_s
+        )
 
 
 def state_end(art: store.Artefact) -> datetime | None:
@@ -298,10 +336,17 @@ def state_end(art: store.Artefact) -> datetime | None:
     return datetime.fromtimestamp(last, UTC) if last is not None else None
 
 
-def score(model_ref: str | Path, paths: Sequence[str | Path], out: Path | None, *,
-          batch_rows: int = 100_000, warmup_hours: float = 24.0,
-          quarantine: Quarantine | None = None, progress: Progress | None = None,
-          on_anomalies: Callable[[pl.DataFrame], None] | None = None) -> ScoreReport:
+def score(
+    model_ref: str | Path,
+    paths: Sequence[str | Path],
+    out: Path | None,
+    *,
+    batch_rows: int = 100_000,
+    warmup_hours: float = 24.0,
+    quarantine: Quarantine | None = None,
+    progress: Progress | None = None,
+    on_anomalies: Callable[[pl.DataFrame], None] | None = None,
+) -> ScoreReport:
     """Score logs in batch and write incidents as JSON lines.
 
     When the logs start after the model's training window, scoring continues from the feature
@@ -335,16 +380,23 @@ def score(model_ref: str | Path, paths: Sequence[str | Path], out: Path | None, 
     if out is not None:
         write_jsonl(out, incidents)
     return ScoreReport(
-        model=art.ref, events=counts["events"], rejected=quarantine.total,
-        anomalies=anomalies.height if anomalies is not None else 0, incidents=incidents,
+        model=art.ref,
+        events=counts["events"],
+        rejected=quarantine.total,
+        anomalies=anomalies.height if anomalies is not None else 0,
+        incidents=incidents,
         continued_state=continued,
         warmup_until=warm_until.isoformat() if warm_until is not None else None,
         seconds=time.perf_counter() - t_start,
     )
 
 
-def _score_batch(scorer: Scorer, batch: pl.DataFrame, warm_until: datetime | None,
-                 on_anomalies: Callable[[pl.DataFrame], None] | None) -> pl.DataFrame:
+def _score_batch(
+    scorer: Scorer,
+    batch: pl.DataFrame,
+    warm_until: datetime | None,
+    on_anomalies: Callable[[pl.DataFrame], None] | None,
+) -> pl.DataFrame:
     scored = scorer.score(batch)
     hit = pl.col("anomaly_score") >= scorer.threshold
     if warm_until is not None:

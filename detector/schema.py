@@ -96,8 +96,12 @@ def to_arrow(df: pl.DataFrame) -> pa.Table:
     (``extra`` becomes a real Arrow map)."""
     table = df.select(COLUMNS).to_arrow()
     extra = table.column("extra")
-    as_map = pa.chunked_array(
-        [pa.array(chunk.to_pylist(), type=_MAP) for chunk in extra.chunks], type=_MAP
-    ) if extra.num_chunks else pa.chunked_array([], type=_MAP)
+    as_map = (
+        pa.chunked_array(
+            [pa.array(chunk.to_pylist(), type=_MAP) for chunk in extra.chunks], type=_MAP
+        )
+        if extra.num_chunks
+        else pa.chunked_array([], type=_MAP)
+    )
     table = table.set_column(table.schema.get_field_index("extra"), "extra", as_map)
     return table.cast(EVENT_ARROW_SCHEMA)

@@ -24,8 +24,12 @@ _DEFAULTS: dict[str, Any] = {
 _START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 
 
-def make_events(rows: Iterable[Mapping[str, Any]], *, start: datetime = _START,
-                step: timedelta = timedelta(seconds=1)) -> pl.DataFrame:
+def make_events(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    start: datetime = _START,
+    step: timedelta = timedelta(seconds=1),
+) -> pl.DataFrame:
     """Canonical events from partial dicts. Missing ``event_time`` values are spaced ``step``
     apart from ``start``; missing ``db_user`` is ``app``; other required fields get defaults."""
     records = []

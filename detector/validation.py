@@ -1,33 +1,38 @@
 """Vectorised validation of loosely typed access events against the canonical schema.
 
 :func:`validate` takes a frame whose columns carry canonical names but loose types (numbers as
-strings, timestamps as text or datetimes, optional columns missing) plus a ``_loc`` column naming
+text, timestamps as text or datetimes, optional columns missing) plus a ``_loc`` column naming
 where each row came from, and splits it into
 
 * good rows, cast exactly to :data:`detector.schema.EVENT_SCHEMA` in its column order, and
-* rejected rows, one per bad input row, with columns :data:`REJECT_SCHEMA`: ``location``,
+* rejected rows with the columns of :data:`REJECT_SCHEMA`: ``location`` (``_loc`` as text),
   ``reason`` (one code of :data:`REASONS`), ``detail`` (a sentence for a human) and ``record``
-  (the row as JSON text, ``statement_text`` redacted).
+  (the row's canonical fields as JSON text, ``statement_text`` redacted).
 
-Every row ends in exactly one of the two frames, in input order. The good path is polars
-expressions only; details and records are built for rejected rows alone.
+Every input row ends in exactly one of the two frames, each in input order. Good rows cost only
+polars expressions (plus a few whole-column Arrow kernels); detail and record are built for
+rejected rows alone. When a row breaks several rules, the first in column order is reported.
 
-Coercions (anything else is rejected):
+What is accepted (anything else is rejected):
 
-* ``event_time``: ISO 8601 text ``YYYY-MM-DD[T ]HH:MM[:SS[.fraction]]`` followed by ``Z`` or an
+* ``event_time``: ISO 8601 text ``YYYY-MM-DD[T ]HH:MM[:SS[.fraction]]`` ending in ``Z`` or an
   offset (``+HH``, ``+HHMM``, ``+HH:MM``), or a timezone-aware datetime. Naive values are
-  rejected unless ``default_tz`` names a zone; they are then read as wall time there (an
-  ambiguous time takes the earlier instant, a time that does not exist is rejected). All values
-  become UTC microseconds (extra fraction digits are truncated).
-* string columns: text as is; numbers and booleans as their text.
-* integer columns: integers, integral floats, or text holding an integer.
-* ``duration_ms``: numbers or numeric text, finite.
-* ``success``: booleans or the text ``true``/``false`` (any case).
+  rejected unless ``default_tz`` names a zone; they are then wall time there (an ambiguous time
+  takes the earlier instant; a time that does not exist is rejected). Every value becomes UTC
+  microseconds (further fraction digits are truncated).
+* required text columns: present and not blank; ``action`` in ``ACTIONS``, ``source_format`` in
+  ``SOURCE_FORMATS`` (exact spelling).
+* text columns: text as is; numbers and booleans as their text.
+* integer columns: integers, integral floats, or text holding an integer; ``0 <= v <= bound``.
+* ``duration_ms``: a finite number or numeric text; ``0 <= v <= MAX_DURATION_MS``.
+* ``success``: a boolean or the text ``true``/``false`` (any case).
+* ``statement_text``: at most ``MAX_STATEMENT_CHARS`` characters (else ``too_large``).
 * ``objects``: a list of strings without nulls.
-* ``extra``: a map, a list of ``{key, value}`` structs or a struct; values that are numbers or
-  booleans become their text, pairs whose value is null are dropped, pairs are sorted by key.
+* ``extra``: a map, a list of ``{key, value}`` structs, or a struct of scalars. Values that are
+  numbers or booleans become their text, pairs whose value is null are dropped, and pairs are
+  sorted by key, so equal objects give equal lists whatever order their keys came in.
 
-Columns that are not canonical (other than ``_loc``) are ignored.
+Columns that are neither canonical nor ``_loc`` are ignored.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from __future__ import annotations
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,7 +53,7 @@ from detector.redact import redact_expr
 
 #: Every reason a record can be rejected for, with what it means.
 REASONS: Final[dict[str, str]] = {
-    "missing_field": "a required field is absent, null or empty",
+    "missing_field": "a required field is absent, null or blank",
     "bad_type": "a value has the wrong type or cannot be read as the field's type",
     "naive_timestamp": "event_time has no offset and no default time zone was given",
     "bad_timestamp": "event_time is not an ISO 8601 timestamp or names no real instant",
@@ -55,13 +61,14 @@ REASONS: Final[dict[str, str]] = {
     "unknown_source_format": "source_format is not one of schema.SOURCE_FORMATS",
     "negative_value": "a count, size or duration is negative",
     "absurd_value": "a count, size or duration is past its schema bound",
-    "too_large": "a statement or line is longer than the schema allows",
+    "too_large": "a statement or a whole line is longer than allowed",
     "malformed_json": "a line is not valid JSON (or not valid UTF-8)",
     "not_an_object": "a line is valid JSON but not an object",
     "unreadable_file": "a whole file could not be read",
 }
 
-#: Columns of the rejected-rows frame.
+#: Columns of the rejected-rows frame. ``record`` holds JSON text (an object, or a string for
+#: a line that was not JSON).
 REJECT_SCHEMA: Final[dict[str, pl.DataType]] = {
     "location": pl.String(),
     "reason": pl.String(),
@@ -69,7 +76,7 @@ REJECT_SCHEMA: Final[dict[str, pl.DataType]] = {
     "record": pl.String(),
 }
 
-#: Name of the input column holding each row's location.
+#: Name of the input column holding each row's location (any type that casts to text).
 LOC: Final = "_loc"
 
 _SHOW_CHARS: Final = 80
@@ -84,16 +91,25 @@ _BOUNDS: Final[dict[str, tuple[float, str]]] = {
 _DATE: Final = r"(?P<date>\d{4}-\d{2}-\d{2})[T ]"
 _TIME: Final = r"(?P<hm>\d{2}:\d{2})(?P<sec>:\d{2})?(?:[.,](?P<frac>\d{1,9}))?"
 _ZONE: Final = r"(?P<zone>[Zz]|(?P<sign>[+-])(?P<oh>[01]\d|2[0-3])(?::?(?P<om>[0-5]\d))?)"
-#: Accepted timestamp text; the zone is optional here (naive values are classified later).
+#: The timestamp text accepted; the zone is optional here (naive values are judged apart).
 TIMESTAMP_PATTERN: Final = f"^{_DATE}{_TIME}{_ZONE}?$"
-_AWARE_PATTERN: Final = f"^{_DATE}{_TIME}{_ZONE}$"
+_ZONED_PATTERN: Final = f"^{_DATE}{_TIME}{_ZONE}$"
 
 _UTC: Final = pl.Datetime("us", "UTC")
+_PAIR: Final = pl.Struct({"key": pl.String, "value": pl.String})
+
+#: Why event_time failed (the ``__et_why`` codes) -> (reason, what the detail says).
+_TIME_FAILURES: Final[dict[str, tuple[str, str]]] = {
+    "not_iso": ("bad_timestamp", "is not an ISO 8601 timestamp"),
+    "not_real": ("bad_timestamp", "is not a real date and time"),
+    "naive": ("naive_timestamp", "has no offset and no default time zone was given"),
+    "not_in_zone": ("bad_timestamp", "does not exist in the default time zone"),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class _Problem:
-    """One rule: rows where ``mask`` is true are rejected with ``reason`` and ``detail``."""
+    """Rows where ``mask`` is true are rejected with ``reason`` and ``detail``."""
 
     mask: pl.Expr
     reason: str
@@ -102,10 +118,15 @@ class _Problem:
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    """How one canonical column becomes its typed value, and what makes a row bad."""
+    """How one column becomes its canonical value, what makes a row bad, and which helper
+    columns (computed eagerly, whole column at a time) the expressions read."""
 
     value: pl.Expr
     problems: tuple[_Problem, ...] = ()
+    helpers: tuple[pl.Series, ...] = ()
+
+
+_Builder = Callable[[str, pl.Series, str | None], _Rule]
 
 
 def validate(
@@ -114,20 +135,21 @@ def validate(
     """Split ``df`` into canonical good rows and rejected rows (see the module docstring).
 
     Raises :class:`ConfigError` if ``default_tz`` is not a known IANA zone and ``ValueError``
-    if ``df`` has no ``_loc`` column. Never raises because of the values in ``df``.
+    if ``df`` has no ``_loc`` column; never because of the values in ``df``.
     """
-    _check_zone(default_tz)
+    check_zone(default_tz)
     if LOC not in df.columns:
         raise ValueError(f"validate() needs a {LOC!r} column naming each row's location")
     if df.height == 0:
         return schema.empty_events(), empty_rejects()
-    df, rules = _prepare(df, default_tz)
-    masks = [p.mask.fill_null(False) for rule in rules.values() for p in rule.problems]
+    rules = _rules(df, default_tz)
+    helpers = [h for rule in rules.values() for h in rule.helpers]
     values = [rule.value.alias(f"__v_{col}") for col, rule in rules.items()]
+    masks = [p.mask.fill_null(False) for rule in rules.values() for p in rule.problems]
+    work = df.with_columns(helpers).with_columns(values)
     if not masks:
-        return _good(df.with_columns(values), rules), empty_rejects()
-    work = df.with_columns(*values, pl.any_horizontal(masks).alias("__bad"))
-    bad = work.get_column("__bad")
+        return _good(work, rules), empty_rejects()
+    bad = work.select(pl.any_horizontal(masks)).to_series()
     if not bad.any():
         return _good(work, rules), empty_rejects()
     return _good(work.filter(~bad), rules), _rejects(work.filter(bad), rules)
@@ -138,7 +160,8 @@ def empty_rejects() -> pl.DataFrame:
     return pl.DataFrame(schema=REJECT_SCHEMA)
 
 
-def _check_zone(name: str | None) -> None:
+def check_zone(name: str | None) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is None or a known IANA time zone."""
     if name is None:
         return
     try:
@@ -147,18 +170,15 @@ def _check_zone(name: str | None) -> None:
         raise ConfigError(f"default time zone {name!r} is not a known IANA zone") from exc
 
 
-def _prepare(df: pl.DataFrame, default_tz: str | None) -> tuple[pl.DataFrame, dict[str, _Rule]]:
-    """Attach helper columns that need eager work and build a rule per present column."""
+def _rules(df: pl.DataFrame, default_tz: str | None) -> dict[str, _Rule]:
     rules: dict[str, _Rule] = {}
     for col in schema.COLUMNS:
-        if col not in df.columns:
-            if col in schema.REQUIRED:
-                rules[col] = _absent_required(col)
-            continue
-        if col == "event_time":
-            df = df.with_columns(_event_time_columns(df.get_column(col), default_tz))
-        rules[col] = _RULE_BUILDERS.get(col, _rule_for_kind(col))(col, df.schema[col], default_tz)
-    return df, rules
+        if col in df.columns:
+            rules[col] = _builder(col)(col, df.get_column(col), default_tz)
+        elif col in schema.REQUIRED:
+            problem = _Problem(pl.lit(True), "missing_field", _msg(col, "missing"))
+            rules[col] = _Rule(pl.lit(None), (problem,))
+    return rules
 
 
 def _good(work: pl.DataFrame, rules: dict[str, _Rule]) -> pl.DataFrame:
@@ -181,32 +201,30 @@ def _rejects(work: pl.DataFrame, rules: dict[str, _Rule]) -> pl.DataFrame:
 
 
 def _record_json(work: pl.DataFrame) -> pl.Expr:
-    """The original canonical fields of a row as JSON text, ``statement_text`` redacted."""
+    """A row's original canonical fields as JSON text with ``statement_text`` redacted (or
+    left out when it is not text, so no SQL ever reaches the record unredacted)."""
     fields: list[pl.Expr] = []
     for col in schema.COLUMNS:
         if col not in work.columns:
             continue
-        dtype = work.schema[col]
-        if col == "statement_text":
-            if _is_scalar(dtype):
-                fields.append(redact_expr(pl.col(col).cast(pl.String)).alias(col))
-            continue
-        fields.append(pl.col(col))
+        if col != "statement_text":
+            fields.append(pl.col(col))
+        elif _is_scalar(work.schema[col]):
+            fields.append(redact_expr(pl.col(col).cast(pl.String)).alias(col))
     if not fields:
         return pl.lit("{}")
     return pl.struct(fields).struct.json_encode()
 
 
-# --- helpers shared by the rules ------------------------------------------------------------
+# --- shared helpers -------------------------------------------------------------------------
 
 
 def _show(expr: pl.Expr) -> pl.Expr:
     """A value quoted and shortened for a detail message."""
     text = expr.cast(pl.String)
-    short = pl.when(text.str.len_chars() > _SHOW_CHARS).then(
-        text.str.slice(0, _SHOW_CHARS) + pl.lit("…")
-    )
-    return pl.concat_str([pl.lit("'"), short.otherwise(text), pl.lit("'")])
+    cut = text.str.slice(0, _SHOW_CHARS) + pl.lit("…")
+    shown = pl.when(text.str.len_chars() > _SHOW_CHARS).then(cut).otherwise(text)
+    return pl.concat_str([pl.lit("'"), shown, pl.lit("'")])
 
 
 def _msg(col: str, text: str) -> pl.Expr:
@@ -214,107 +232,131 @@ def _msg(col: str, text: str) -> pl.Expr:
 
 
 def _fmt(col: str, text: str, value: pl.Expr) -> pl.Expr:
-    """``"{col}: {value} {text}"`` with the value shown quoted."""
+    """``"{col}: '{value}' {text}"``."""
     return pl.concat_str([pl.lit(f"{col}: "), _show(value), pl.lit(f" {text}")])
 
 
 def _is_scalar(dtype: pl.DataType) -> bool:
+    """Numbers, booleans and text (including categoricals): values with a plain text form."""
+    if isinstance(dtype, pl.Categorical | pl.Enum):
+        return True
     return dtype.is_numeric() or dtype in (pl.String(), pl.Boolean())
 
 
 def _bad_dtype(col: str, dtype: pl.DataType, expected: str) -> _Rule:
-    """Every non-null value of a column with an unusable type is ``bad_type``."""
+    """Every non-null value of a column of an unusable type is ``bad_type``."""
     detail = _msg(col, f"expected {expected}, got {dtype}")
     return _Rule(pl.lit(None), (_Problem(pl.col(col).is_not_null(), "bad_type", detail),))
 
 
-def _absent_required(col: str) -> _Rule:
-    return _Rule(pl.lit(None), (_Problem(pl.lit(True), "missing_field", _msg(col, "missing")),))
+def _blank(value: pl.Expr) -> pl.Expr:
+    return value.is_null() | ~value.str.contains(r"\S")
 
 
-def _missing(col: str) -> pl.Expr:
-    return pl.col(col).is_null()
+def _none(n: int, dtype: pl.DataType) -> pl.Series:
+    return pl.Series(values=[None] * n, dtype=dtype)
 
 
 # --- event_time -----------------------------------------------------------------------------
 
 
-def _event_time_columns(s: pl.Series, default_tz: str | None) -> pl.DataFrame:
-    """``__et``: the UTC instant or null; ``__et_why``: null, or the rejection reason."""
+def _event_time_rule(col: str, s: pl.Series, default_tz: str | None) -> _Rule:
+    value, why = _event_time(s, default_tz)
+    problems = [
+        _Problem(
+            _blank(pl.col(col)) if s.dtype == pl.String() else pl.col(col).is_null(),
+            "missing_field",
+            _msg(col, "missing or blank"),
+        ),
+        _Problem(
+            pl.col("__et_why") == "bad_type",
+            "bad_type",
+            _msg(col, f"expected ISO 8601 text or a timestamp, got {s.dtype}"),
+        ),
+    ]
+    if s.dtype == pl.String() or isinstance(s.dtype, pl.Datetime):
+        problems += [
+            _Problem(pl.col("__et_why") == code, reason, _fmt(col, text, pl.col(col)))
+            for code, (reason, text) in _TIME_FAILURES.items()
+        ]
+    helpers = (value.cast(_UTC).alias("__et"), why.cast(pl.String).alias("__et_why"))
+    return _Rule(pl.col("__et"), tuple(problems), helpers)
+
+
+def _event_time(s: pl.Series, default_tz: str | None) -> tuple[pl.Series, pl.Series]:
+    """The UTC instant (or null) and why it is null (a ``_TIME_FAILURES`` code, or null)."""
+    n = s.len()
     if isinstance(s.dtype, pl.Datetime):
         return _from_datetime(s, default_tz)
     if s.dtype == pl.String():
         fast = _fast_iso(s)
-        return fast if fast is not None else _from_text(s, default_tz)
+        if fast is not None:
+            return fast, _none(n, pl.String())
+        return _from_text(s, default_tz)
     why = pl.select(pl.when(pl.lit(s).is_not_null()).then(pl.lit("bad_type"))).to_series()
-    return _frame(pl.Series([None] * s.len(), dtype=_UTC), why)
+    return _none(n, _UTC), why
 
 
-def _frame(value: pl.Series, why: pl.Series) -> pl.DataFrame:
-    return pl.DataFrame({"__et": value.cast(_UTC), "__et_why": why.cast(pl.String)})
-
-
-def _from_datetime(s: pl.Series, default_tz: str | None) -> pl.DataFrame:
-    dtype = s.dtype
-    assert isinstance(dtype, pl.Datetime)
-    if dtype.time_zone is not None:
-        value = s.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
-        return _frame(value, pl.Series([None] * s.len(), dtype=pl.String))
+def _from_datetime(s: pl.Series, default_tz: str | None) -> tuple[pl.Series, pl.Series]:
+    n = s.len()
+    if s.dtype.time_zone is not None:  # type: ignore[attr-defined]
+        zoned = s.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+        return zoned, _none(n, pl.String())
     if default_tz is None:
-        why = pl.select(pl.when(pl.lit(s).is_not_null()).then(pl.lit("naive")))
-        return _frame(pl.Series([None] * s.len(), dtype=_UTC), why.to_series())
-    local = s.dt.cast_time_unit("us")
-    value = _localise(pl.lit(local), default_tz)
+        why = pl.select(pl.when(pl.lit(s).is_not_null()).then(pl.lit("naive"))).to_series()
+        return _none(n, _UTC), why
+    local = pl.lit(s.dt.cast_time_unit("us"))
+    value = _localise(local, default_tz)
     out = pl.select(
-        value.alias("__et"),
-        pl.when(pl.lit(local).is_not_null() & value.is_null()).then(pl.lit("not_in_zone")),
+        value, pl.when(local.is_not_null() & value.is_null()).then(pl.lit("not_in_zone"))
     )
-    return _frame(out.to_series(0), out.to_series(1))
+    return out.to_series(0), out.to_series(1)
 
 
 def _localise(local: pl.Expr, zone: str) -> pl.Expr:
-    """Wall time in ``zone`` to UTC; ambiguous -> earlier instant, non-existent -> null."""
+    """Wall time in ``zone`` to UTC: ambiguous -> the earlier instant, non-existent -> null."""
     return local.dt.replace_time_zone(
         zone, ambiguous="earliest", non_existent="null"
     ).dt.convert_time_zone("UTC")
 
 
-def _fast_iso(s: pl.Series) -> pl.DataFrame | None:
-    """Parse a column where every value is zoned ISO text in one Arrow cast, or return None.
+def _fast_iso(s: pl.Series) -> pl.Series | None:
+    """Parse a column whose every value is zoned ISO text with one Arrow cast, or give None.
 
-    The pattern check first keeps the fast path inside the language the slow path accepts,
-    so both paths give the same answer for every value.
+    The pattern check keeps the fast path inside the language :func:`_from_text` accepts, so
+    both paths give the same instant for every value they both accept.
     """
-    if not s.str.contains(_AWARE_PATTERN).all():
+    if not s.str.contains(_ZONED_PATTERN).all():
         return None
     try:
         parsed = pc.cast(s.to_arrow(), pa.timestamp("us", tz="UTC"))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    value = pl.Series(s.name, parsed)
-    return _frame(value, pl.Series([None] * s.len(), dtype=pl.String))
+    return pl.Series(s.name, parsed)
 
 
-def _from_text(s: pl.Series, default_tz: str | None) -> pl.DataFrame:
-    """Parse ISO 8601 text value by value with polars expressions (handles every case)."""
-    parts = pl.DataFrame({"t": s}).with_columns(
-        g=pl.col("t").str.strip_chars().str.extract_groups(TIMESTAMP_PATTERN)
-    )
-    parts = parts.unnest("g").with_columns(
-        local=_wall_time(pl.col("date"), pl.col("hm"), pl.col("sec"), pl.col("frac"))
+def _from_text(s: pl.Series, default_tz: str | None) -> tuple[pl.Series, pl.Series]:
+    """Parse ISO 8601 text value by value with polars expressions (every case)."""
+    parts = (
+        pl.DataFrame({"t": s})
+        .with_columns(g=pl.col("t").str.strip_chars().str.extract_groups(TIMESTAMP_PATTERN))
+        .unnest("g")
+        .with_columns(local=_wall_time())
     )
     offset = pl.when(pl.col("sign") == "-").then(-1).otherwise(1) * (
         pl.col("oh").cast(pl.Int64) * 60 + pl.col("om").fill_null("0").cast(pl.Int64)
     )
-    aware = pl.col("zone").is_not_null()
-    utc = pl.when(pl.col("zone").str.to_lowercase() == "z").then(pl.col("local")).otherwise(
-        pl.col("local") - pl.duration(minutes=offset)
+    utc = (
+        pl.when(pl.col("zone").str.to_lowercase() == "z")
+        .then(pl.col("local"))
+        .otherwise(pl.col("local") - pl.duration(minutes=offset))
+        .dt.replace_time_zone("UTC")
     )
-    if default_tz is None:
-        naive_value = pl.lit(None, dtype=_UTC)
-    else:
-        naive_value = _localise(pl.col("local"), default_tz)
-    value = pl.when(aware).then(utc.dt.replace_time_zone("UTC")).otherwise(naive_value)
+    zoned = pl.col("zone").is_not_null()
+    naive = (
+        pl.lit(None, dtype=_UTC) if default_tz is None else _localise(pl.col("local"), default_tz)
+    )
+    value = pl.when(zoned).then(utc).otherwise(naive)
     why = (
         pl.when(pl.col("t").is_null())
         .then(None)
@@ -322,57 +364,28 @@ def _from_text(s: pl.Series, default_tz: str | None) -> pl.DataFrame:
         .then(pl.lit("not_iso"))
         .when(pl.col("local").is_null())
         .then(pl.lit("not_real"))
-        .when(~aware & (default_tz is None))
+        .when(~zoned & (default_tz is None))
         .then(pl.lit("naive"))
         .when(value.is_null())
         .then(pl.lit("not_in_zone"))
     )
-    out = parts.select(value.alias("__et"), why.alias("__et_why"))
-    return _frame(out.to_series(0), out.to_series(1))
+    out = parts.select(value, why)
+    return out.to_series(0), out.to_series(1)
 
 
-def _wall_time(date: pl.Expr, hm: pl.Expr, sec: pl.Expr, frac: pl.Expr) -> pl.Expr:
-    text = pl.concat_str([date, pl.lit("T"), hm, sec.fill_null(":00")])
+def _wall_time() -> pl.Expr:
+    text = pl.concat_str(
+        [pl.col("date"), pl.lit("T"), pl.col("hm"), pl.col("sec").fill_null(":00")]
+    )
     whole = text.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S", strict=False)
-    micros = frac.str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64).fill_null(0)
-    return whole + pl.duration(microseconds=micros)
+    frac = pl.col("frac").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64).fill_null(0)
+    return whole + pl.duration(microseconds=frac)
 
 
-#: Why event_time failed (the ``__et_why`` codes) -> (reason, what the detail says).
-_TIME_FAILURES: Final[dict[str, tuple[str, str]]] = {
-    "not_iso": ("bad_timestamp", "is not an ISO 8601 timestamp"),
-    "not_real": ("bad_timestamp", "is not a real date and time"),
-    "naive": ("naive_timestamp", "has no offset and no default time zone was given"),
-    "not_in_zone": ("bad_timestamp", "does not exist in the default time zone"),
-}
+# --- text -----------------------------------------------------------------------------------
 
 
-def _event_time_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    why = pl.col("__et_why")
-    missing = _missing(col)
-    if dtype == pl.String():
-        missing = missing | (pl.col(col).str.strip_chars() == "")
-    scalar = _is_scalar(dtype) or isinstance(dtype, pl.Datetime)
-    problems = [
-        _Problem(missing, "missing_field", _msg(col, "missing or empty")),
-        _Problem(
-            why == "bad_type",
-            "bad_type",
-            _msg(col, f"expected ISO 8601 text or a timestamp, got {dtype}"),
-        ),
-    ]
-    if scalar:
-        problems += [
-            _Problem(why == code, reason, _fmt(col, text, pl.col(col)))
-            for code, (reason, text) in _TIME_FAILURES.items()
-        ]
-    return _Rule(pl.col("__et"), tuple(problems))
-
-
-# --- strings --------------------------------------------------------------------------------
-
-
-def _string_value(col: str, dtype: pl.DataType) -> pl.Expr | None:
+def _text(col: str, dtype: pl.DataType) -> pl.Expr | None:
     if dtype == pl.String():
         return pl.col(col)
     if dtype == pl.Null() or _is_scalar(dtype):
@@ -380,32 +393,31 @@ def _string_value(col: str, dtype: pl.DataType) -> pl.Expr | None:
     return None
 
 
-def _required_string_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    value = _string_value(col, dtype)
+def _required_text_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    value = _text(col, s.dtype)
     if value is None:
-        return _bad_dtype(col, dtype, "text")
-    missing = value.is_null() | (value.str.strip_chars() == "")
-    problems = [_Problem(missing, "missing_field", _msg(col, "missing or empty"))]
+        return _bad_dtype(col, s.dtype, "text")
+    problems = [_Problem(_blank(value), "missing_field", _msg(col, "missing or blank"))]
     allowed = {"action": schema.ACTIONS, "source_format": schema.SOURCE_FORMATS}.get(col)
     if allowed is not None:
+        if s.dtype == pl.String() and s.null_count() == 0 and s.is_in(list(allowed)).all():
+            return _Rule(value)  # every value is allowed, so none is blank either
         reason = "unknown_action" if col == "action" else "unknown_source_format"
         text = f"is not one of {', '.join(allowed)}"
         problems.append(_Problem(~value.is_in(list(allowed)), reason, _fmt(col, text, value)))
     return _Rule(value, tuple(problems))
 
 
-def _optional_string_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    value = _string_value(col, dtype)
+def _optional_text_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    value = _text(col, s.dtype)
     if value is None:
-        return _bad_dtype(col, dtype, "text")
+        return _bad_dtype(col, s.dtype, "text")
     if col != "statement_text":
         return _Rule(value)
     limit = schema.MAX_STATEMENT_CHARS
-    too_long = value.str.len_chars() > limit
-    detail = pl.concat_str(
-        [pl.lit(f"{col}: "), value.str.len_chars().cast(pl.String), pl.lit(f" chars > {limit}")]
-    )
-    return _Rule(value, (_Problem(too_long, "too_large", detail),))
+    chars = value.str.len_chars()
+    detail = pl.concat_str([pl.lit(f"{col}: "), chars.cast(pl.String), pl.lit(f" chars > {limit}")])
+    return _Rule(value, (_Problem(chars > limit, "too_large", detail),))
 
 
 # --- numbers --------------------------------------------------------------------------------
@@ -419,52 +431,52 @@ def _bounds(col: str, value: pl.Expr) -> tuple[_Problem, ...]:
     )
 
 
-def _int_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    source = pl.col(col)
+def _int_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    source, dtype = pl.col(col), s.dtype
     if dtype == pl.Null():
-        return _Rule(pl.lit(None, dtype=pl.Int64))
+        return _Rule(source.cast(pl.Int64))
     if dtype.is_integer():
         value = source.cast(pl.Int64, strict=False)
-        overflow = _Problem(
-            source.is_not_null() & value.is_null(), "absurd_value", _fmt(col, "is too big", source)
+        big = _Problem(
+            value.is_null() & source.is_not_null(),
+            "absurd_value",
+            _fmt(col, "does not fit in 64 bits", source),
         )
-        return _Rule(value, (overflow, *_bounds(col, value)))
+        return _Rule(value, (big, *_bounds(col, value)))
     if dtype.is_float():
-        integral = source.is_finite() & (source == source.floor())
-        value = pl.when(integral).then(source).cast(pl.Int64, strict=False)
-        not_int = source.is_not_null() & value.is_null()
-        bad = _Problem(not_int, "bad_type", _fmt(col, "is not an integer", source))
-        return _Rule(value, (bad, *_bounds(col, pl.when(integral).then(source))))
-    if dtype == pl.String():
+        whole = pl.when(source.is_finite() & (source == source.floor())).then(source)
+        value = whole.cast(pl.Int64, strict=False)
+    elif dtype == pl.String():
         value = source.str.strip_chars().cast(pl.Int64, strict=False)
-        not_int = source.is_not_null() & value.is_null()
-        bad = _Problem(not_int, "bad_type", _fmt(col, "is not an integer", source))
-        return _Rule(value, (bad, *_bounds(col, value)))
-    return _bad_dtype(col, dtype, "an integer")
+    else:
+        return _bad_dtype(col, dtype, "an integer")
+    bad = _Problem(
+        value.is_null() & source.is_not_null(), "bad_type", _fmt(col, "is not an integer", source)
+    )
+    return _Rule(value, (bad, *_bounds(col, value)))
 
 
-def _duration_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    source = pl.col(col)
+def _duration_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    source, dtype = pl.col(col), s.dtype
     if dtype == pl.Null():
-        return _Rule(pl.lit(None, dtype=pl.Float64))
+        return _Rule(source.cast(pl.Float64))
     if dtype.is_numeric():
         number = source.cast(pl.Float64)
     elif dtype == pl.String():
         number = source.str.strip_chars().cast(pl.Float64, strict=False)
     else:
         return _bad_dtype(col, dtype, "a number")
-    finite = number.is_finite()
-    value = pl.when(finite).then(number)
+    value = pl.when(number.is_finite()).then(number)
     bad = _Problem(
-        source.is_not_null() & ~finite.fill_null(False),
+        value.is_null() & source.is_not_null(),
         "bad_type",
         _fmt(col, "is not a finite number", source),
     )
     return _Rule(value, (bad, *_bounds(col, value)))
 
 
-def _success_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    source = pl.col(col)
+def _success_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    source, dtype = pl.col(col), s.dtype
     if dtype in (pl.Boolean(), pl.Null()):
         return _Rule(source.cast(pl.Boolean))
     if dtype != pl.String():
@@ -472,7 +484,9 @@ def _success_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
     word = source.str.strip_chars().str.to_lowercase()
     value = pl.when(word == "true").then(True).when(word == "false").then(False)
     bad = _Problem(
-        source.is_not_null() & value.is_null(), "bad_type", _fmt(col, "is not true or false", source)
+        value.is_null() & source.is_not_null(),
+        "bad_type",
+        _fmt(col, "is not true or false", source),
     )
     return _Rule(value, (bad,))
 
@@ -480,85 +494,170 @@ def _success_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
 # --- objects and extra ----------------------------------------------------------------------
 
 
-def _objects_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    source = pl.col(col)
+def _objects_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    source, dtype = pl.col(col), s.dtype
     if dtype == pl.Null():
         return _Rule(source)
-    if not (isinstance(dtype, pl.List) and dtype.inner == pl.String()):
+    if not isinstance(dtype, pl.List) or dtype.inner not in (pl.String(), pl.Null()):
         return _bad_dtype(col, dtype, "a list of strings")
-    has_null = source.list.eval(pl.element().is_null().any()).list.first()
-    bad = _Problem(has_null, "bad_type", _msg(col, "holds a null instead of a name"))
-    return _Rule(source, (bad,))
-
-
-def _extra_rule(col: str, dtype: pl.DataType, _tz: str | None) -> _Rule:
-    source = pl.col(col)
-    if dtype == pl.Null():
+    if _flat(s.to_arrow()).null_count == 0:
         return _Rule(source)
+    has_null = source.list.eval(pl.element().is_null().any()).list.first()
+    return _Rule(source, (_Problem(has_null, "bad_type", _msg(col, "holds a null name")),))
+
+
+def _extra_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
+    dtype = s.dtype
+    if dtype == pl.Null():
+        return _Rule(pl.col(col))
     if isinstance(dtype, pl.Map):
-        source = source.cast(pl.List(pl.Struct({"key": dtype.key, "value": dtype.value})))
-        dtype = pl.List(pl.Struct({"key": dtype.key, "value": dtype.value}))
-    if isinstance(dtype, pl.Struct):
-        return _extra_from_struct(col, dtype)
-    if isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct):
-        fields = {f.name: f.dtype for f in dtype.inner.fields}
-        if set(fields) == {"key", "value"} and all(_is_scalar(t) or t == pl.Null() for t in fields.values()):
-            return _Rule(_normalise_pairs(source))
+        s = s.cast(pl.List(pl.Struct({"key": dtype.key, "value": dtype.value})))
+    if isinstance(s.dtype, pl.Struct):
+        return _extra_from_struct(col, s)
+    if _is_pair_list(s.dtype):
+        pairs, null_key = _sorted_pairs(s.to_arrow())
+        if null_key is None:
+            return _Rule(pl.col("__extra"), (), (pairs.alias("__extra"),))
+        problem = _Problem(pl.col("__extra_null_key"), "bad_type", _msg(col, "has a null key"))
+        helpers = (pairs.alias("__extra"), null_key.alias("__extra_null_key"))
+        return _Rule(pl.col("__extra"), (problem,), helpers)
     return _bad_dtype(col, dtype, "an object of string to string")
 
 
-def _normalise_pairs(pairs: pl.Expr) -> pl.Expr:
-    """Cast keys and values to text, drop pairs with a null value, sort by key."""
-    element = pl.element()
-    kv = pl.struct(
-        element.struct.field("key").cast(pl.String).alias("key"),
-        element.struct.field("value").cast(pl.String).alias("value"),
-    )
-    return pairs.list.eval(
-        kv.filter(element.struct.field("value").is_not_null()).sort_by(
-            element.struct.field("key").cast(pl.String)
-        )
+def _is_pair_list(dtype: pl.DataType) -> bool:
+    if not (isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)):
+        return False
+    fields = {f.name: _instance(f.dtype) for f in dtype.inner.fields}
+    return set(fields) == {"key", "value"} and all(
+        _is_scalar(t) or t == pl.Null() for t in fields.values()
     )
 
 
-def _extra_from_struct(col: str, dtype: pl.Struct) -> _Rule:
-    scalar = sorted(f.name for f in dtype.fields if _is_scalar(f.dtype) or f.dtype == pl.Null())
-    nested = [f.name for f in dtype.fields if f.name not in scalar]
-    source = pl.col(col)
-    if scalar:
-        pairs = [
-            pl.struct(
-                pl.lit(name, dtype=pl.String).alias("key"),
-                source.struct.field(name).cast(pl.String).alias("value"),
-            )
-            for name in scalar
-        ]
-        listed = pl.concat_list(pairs).list.eval(
-            pl.element().filter(pl.element().struct.field("value").is_not_null())
-        )
-    else:
-        listed = pl.lit([], dtype=schema.EXTRA_POLARS)
-    value = pl.when(source.is_not_null()).then(listed)
+def _instance(dtype: Any) -> pl.DataType:
+    """A dtype instance (polars sometimes hands out dtype classes)."""
+    return dtype() if isinstance(dtype, type) else dtype  # type: ignore[no-any-return]
+
+
+def _extra_from_struct(col: str, s: pl.Series) -> _Rule:
+    array = _combined(s.to_arrow())
+    assert isinstance(array, pa.StructArray)
+    children = dict(zip((f.name for f in array.type), array.flatten(), strict=True))
+    nested = [name for name, child in children.items() if not _arrow_scalar(child.type)]
+    scalar = {name: child for name, child in children.items() if name not in nested}
+    pairs = _struct_to_pairs(scalar, array.is_valid())
     problems = tuple(
         _Problem(
-            source.struct.field(name).is_not_null(),
+            pl.col(col).struct.field(name).is_not_null(),
             "bad_type",
-            _msg(col, f"value of {name!r} is not a string, number or boolean"),
+            _msg(col, f"value of {name!r} is not text, a number or a boolean"),
         )
         for name in nested
     )
-    return _Rule(value, problems)
+    return _Rule(pl.col("__extra"), problems, (pairs.alias("__extra"),))
 
 
-def _rule_for_kind(col: str) -> Callable[[str, pl.DataType, str | None], _Rule]:
+def _struct_to_pairs(children: dict[str, pa.Array], valid: pa.Array) -> pl.Series:
+    """Key/value lists from struct children, pairs in key order, null values dropped."""
+    names = sorted(children)
+    n = len(valid)
+    present = np.zeros((n, len(names)), dtype=bool)
+    for j, name in enumerate(names):
+        present[:, j] = _bools(children[name].is_valid())
+    present &= _bools(valid)[:, None]
+    rows, cols = np.nonzero(present)
+    texts = [pc.cast(children[name], pa.large_string()) for name in names]
+    values = (
+        pa.concat_arrays(texts).take(pa.array(cols * n + rows))
+        if names
+        else pa.array([], pa.large_string())
+    )
+    keys = pa.array(names, pa.large_string()).take(pa.array(cols))
+    counts = present.sum(axis=1)
+    return _pairs_series(keys, values, counts, valid)
+
+
+def _sorted_pairs(array: pa.Array) -> tuple[pl.Series, pl.Series | None]:
+    """Normalise a list of key/value structs: text, null values dropped, sorted by key.
+
+    Returns the lists and, when some key is null, a mask of the rows holding one.
+    """
+    array = _combined(array)
+    entries = array.flatten()
+    keys, values = (pc.cast(child, pa.large_string()) for child in entries.flatten())
+    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    n = len(array)
+    null_key = None
+    if keys.null_count:
+        null_key = pl.Series(np.bincount(parents[~_bools(keys.is_valid())], minlength=n) > 0)
+    keep = _bools(values.is_valid()) & _bools(keys.is_valid())
+    if not keep.all() or not _in_key_order(keys, parents):
+        order = np.flatnonzero(keep)
+        table = pa.table({"p": parents[order], "k": keys.take(pa.array(order))})
+        order = order[pc.sort_indices(table, [("p", "ascending"), ("k", "ascending")]).to_numpy()]
+        keys, values, parents = (
+            keys.take(pa.array(order)),
+            values.take(pa.array(order)),
+            parents[order],
+        )
+    counts = np.bincount(parents, minlength=n)
+    return _pairs_series(keys, values, counts, array.is_valid()), null_key
+
+
+def _in_key_order(keys: pa.Array, parents: np.ndarray) -> bool:
+    if len(keys) < 2:
+        return True
+    same_row = parents[1:] == parents[:-1]
+    ascending = pc.greater_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
+    return bool(np.all(~same_row | _bools(ascending.fill_null(True))))
+
+
+def _pairs_series(
+    keys: pa.Array, values: pa.Array, counts: np.ndarray, valid: pa.Array
+) -> pl.Series:
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    entries = pa.StructArray.from_arrays([keys, values], names=["key", "value"])
+    mask = pa.array(~_bools(valid))
+    lists = pa.LargeListArray.from_arrays(pa.array(offsets), entries, mask=mask)
+    return pl.Series(lists).cast(schema.EXTRA_POLARS)
+
+
+def _arrow_scalar(dtype: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_string_view(dtype)
+        or pa.types.is_integer(dtype)
+        or pa.types.is_floating(dtype)
+        or pa.types.is_boolean(dtype)
+        or pa.types.is_null(dtype)
+    )
+
+
+def _combined(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+def _flat(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return _combined(array).flatten()
+
+
+def _bools(array: pa.Array) -> np.ndarray:
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _builder(col: str) -> _Builder:
+    special = _BUILDERS.get(col)
+    if special is not None:
+        return special
     if col in schema.REQUIRED:
-        return _required_string_rule
+        return _required_text_rule
     if col in schema.INT_COLUMNS:
         return _int_rule
-    return _optional_string_rule
+    return _optional_text_rule
 
 
-_RULE_BUILDERS: Final[dict[str, Callable[[str, pl.DataType, str | None], _Rule]]] = {
+_BUILDERS: Final[dict[str, _Builder]] = {
     "event_time": _event_time_rule,
     "duration_ms": _duration_rule,
     "success": _success_rule,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -31,7 +30,7 @@ from detector.features.settings import FeatureSettings
 from detector.features.sqlshape import KIND_CODES, ShapeCache, row_fingerprint_expr, stable_hash
 from detector.schema import ACTIONS, empty_events
 
-ENGINE_VERSION: Final = 1
+ENGINE_VERSION: Final = 3
 
 #: Columns of the model's input, in order. Every one is >= 0 and 0 means "as usual".
 MODEL_FEATURES: Final = (
@@ -42,15 +41,32 @@ MODEL_FEATURES: Final = (
     "new_principal",
 )
 
+#: A value each model feature plausibly takes when its signal is present (for features that
+#: history never showed; see detector.scoring.forest.pad_quiet_dimensions).
+PLAUSIBLE: Final = (
+    *(1.0 for _ in K.QUANTITIES),
+    0.5,  # off_hours
+    float(np.log1p(10)),  # failed logins from one address in an hour
+    float(np.log1p(5)),  # failed logins for one principal in an hour
+    1.0,  # new principal
+)
+
 #: Columns carried from the event into the feature frame (for incidents and explanations).
-CONTEXT_COLUMNS: Final = ("event_time", "db_user", "action", "command", "session_id",
-                          "statement_id", "client_ip", "client_app", "tenant_id",
-                          "statement_text")
+CONTEXT_COLUMNS: Final = (
+    "event_time",
+    "db_user",
+    "action",
+    "command",
+    "session_id",
+    "statement_id",
+    "client_ip",
+    "client_app",
+    "tenant_id",
+    "statement_text",
+)
 
 #: The typical value assumed for a principal with no history of a quantity.
-_NO_HISTORY: Final = np.array(
-    [math.log10(K.COV_FLOOR) if q == "table_coverage" else 0.0 for q in K.QUANTITIES]
-)
+_NO_HISTORY: Final = np.zeros(K.NB)
 
 _CODE: Final = {a: i for i, a in enumerate(ACTIONS)}
 _OFFSET_RE: Final = r"(?i)\boffset\s+([0-9]+)"
@@ -73,7 +89,8 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_TAU_BASE] = settings.baseline_days * 86400.0
     p[K.P_TAU_HOUR] = 14 * 86400.0
     p[K.P_PAIR_EXPIRY] = settings.new_pair_expiry_days * 86400.0
-    p[K.P_BASE_STEP] = 60.0
+    p[K.P_WINDOW] = 3600.0
+    p[K.P_NOVELTY] = 86400.0
     return p
 
 
@@ -125,17 +142,37 @@ class FeatureEngine:
         cols = {c: prep[c].to_numpy() for c in prep.columns}
         pidx = self._principal_index(events["db_user"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
-            cols["t"], pidx, self._ids(events["client_ip"]), self._ids(events["client_app"]),
-            self._ids(events["tenant_id"]), cols["table_id"], cols["fp"], cols["action_code"],
-            cols["rows"], cols["sensitive"], cols["agg_all"], cols["bulk"], cols["copy_out"],
-            cols["whole_read"], self._offsets(events, prep), cols["hour"], cols["known_size"],
-            self.state_, self.keys_, self.kinds_, self.ta_, self.va_, self.size_, self.params,
+            cols["t"],
+            pidx,
+            self._ids(events["client_ip"]),
+            self._ids(events["client_app"]),
+            self._ids(events["tenant_id"]),
+            cols["table_id"],
+            cols["fp"],
+            cols["action_code"],
+            cols["rows"],
+            cols["sensitive"],
+            cols["agg_all"],
+            cols["bulk"],
+            cols["copy_out"],
+            cols["whole_read"],
+            self._offsets(events, prep),
+            cols["hour"],
+            cols["known_size"],
+            self.state_,
+            self.keys_,
+            self.kinds_,
+            self.ta_,
+            self.va_,
+            self.size_,
+            self.params,
             self.expiry,
         )
         self.events_seen_ += n
         batch_max = float(cols["t"].max())
-        self.last_event_time_ = (batch_max if self.last_event_time_ is None
-                                 else max(self.last_event_time_, batch_max))
+        self.last_event_time_ = (
+            batch_max if self.last_event_time_ is None else max(self.last_event_time_, batch_max)
+        )
         return self._frame(events, out, prep)
 
     def _prepare(self, events: pl.DataFrame) -> pl.DataFrame:
@@ -143,12 +180,14 @@ class FeatureEngine:
         base = events.select(
             t=pl.col("event_time").dt.epoch("us").cast(pl.Float64) / 1e6,
             hour=pl.col("event_time").dt.hour().cast(pl.Int64),
-            action_code=pl.col("action").replace_strict(_CODE, default=_CODE["other"],
-                                                        return_dtype=pl.Int64),
+            action_code=pl.col("action").replace_strict(
+                _CODE, default=_CODE["other"], return_dtype=pl.Int64
+            ),
             rows=pl.when(pl.col("action") == "write")
             .then(pl.coalesce("rows_affected", "rows_returned"))
             .otherwise(pl.coalesce("rows_returned", "rows_affected"))
-            .cast(pl.Float64).fill_null(float("nan")),
+            .cast(pl.Float64)
+            .fill_null(float("nan")),
             h=row_fingerprint_expr("statement_text"),
             objects=pl.col("objects"),
             reading=reading,
@@ -157,29 +196,43 @@ class FeatureEngine:
         base = base.join(shapes, on="h", how="left", maintain_order="left")
         base = base.with_columns(
             tables=pl.when(pl.col("objects").list.len() > 0)
-            .then(pl.col("objects")).otherwise(pl.col("tables")),
+            .then(pl.col("objects"))
+            .otherwise(pl.col("tables")),
         ).with_columns(table_key=pl.col("tables").list.join(",").fill_null(""))
-        base = base.join(self._table_info(base["table_key"]), on="table_key", how="left",
-                         maintain_order="left")
+        base = base.join(
+            self._table_info(base["table_key"]), on="table_key", how="left", maintain_order="left"
+        )
         kind = pl.col("kind").fill_null(0)
         no_tenant_filter = ~pl.col("tenant_filter").fill_null(False)
         aggregate = pl.col("aggregate").fill_null(False)
-        copy_out = (kind == _KIND_COPY_TO) | ((pl.col("action_code") == _CODE["copy"])
-                                              & (kind != _KIND_COPY_FROM))
+        copy_out = (kind == _KIND_COPY_TO) | (
+            (pl.col("action_code") == _CODE["copy"]) & (kind != _KIND_COPY_FROM)
+        )
         return base.select(
-            "t", "hour", "action_code", "rows", "tables",
+            "t",
+            "hour",
+            "action_code",
+            "rows",
+            "tables",
             fp=pl.col("fingerprint").fill_null(0),
             table_id=pl.col("table_id").fill_null(0),
             known_size=pl.col("known_size").fill_null(float("nan")),
             sensitive=pl.col("sensitive").fill_null(False),
-            agg_all=pl.col("reading") & aggregate & no_tenant_filter
+            agg_all=pl.col("reading")
+            & aggregate
+            & no_tenant_filter
             & (pl.col("group_by_tenant").fill_null(False) | pl.col("sensitive").fill_null(False)),
-            bulk=pl.col("reading") & (kind == _KIND_SELECT) & pl.col("sensitive").fill_null(False)
-            & no_tenant_filter & ~aggregate,
+            bulk=pl.col("reading")
+            & (kind == _KIND_SELECT)
+            & pl.col("sensitive").fill_null(False)
+            & no_tenant_filter
+            & ~aggregate,
             copy_out=copy_out,
             whole_read=(pl.col("tables").list.len().fill_null(0) == 1)
-            & ~pl.col("has_where").fill_null(True) & ~pl.col("has_limit").fill_null(True)
-            & ~aggregate & ((kind == _KIND_SELECT) | copy_out),
+            & ~pl.col("has_where").fill_null(True)
+            & ~pl.col("has_limit").fill_null(True)
+            & ~aggregate
+            & ((kind == _KIND_SELECT) | copy_out),
             has_offset=pl.col("has_offset").fill_null(False),
         )
 
@@ -188,10 +241,18 @@ class FeatureEngine:
         uniq = keys.unique().to_list()
         info = [self._table_entry(k) for k in uniq]
         return pl.DataFrame(
-            {"table_key": uniq, "sensitive": [i[0] for i in info],
-             "table_id": [i[1] for i in info], "known_size": [i[2] for i in info]},
-            schema={"table_key": pl.String, "sensitive": pl.Boolean, "table_id": pl.Int64,
-                    "known_size": pl.Float64},
+            {
+                "table_key": uniq,
+                "sensitive": [i[0] for i in info],
+                "table_id": [i[1] for i in info],
+                "known_size": [i[2] for i in info],
+            },
+            schema={
+                "table_key": pl.String,
+                "sensitive": pl.Boolean,
+                "table_id": pl.Int64,
+                "known_size": pl.Float64,
+            },
         )
 
     def _table_entry(self, key: str) -> tuple[bool, int, float]:
@@ -211,8 +272,8 @@ class FeatureEngine:
         offsets = np.full(events.height, np.nan)
         if mask.any():
             found = events.filter(pl.Series(mask)).select(
-                pl.col("statement_text").str.extract(_OFFSET_RE, 1).cast(pl.Float64,
-                                                                          strict=False))
+                pl.col("statement_text").str.extract(_OFFSET_RE, 1).cast(pl.Float64, strict=False)
+            )
             offsets[mask] = found.to_series().fill_null(float("nan")).to_numpy()
         return offsets
 
@@ -239,26 +300,33 @@ class FeatureEngine:
         return np.ascontiguousarray(idx.to_numpy())
 
     # ------------------------------------------------------------------ output
-    def _frame(self, events: pl.DataFrame, out: np.ndarray,
-               prep: pl.DataFrame | None = None) -> pl.DataFrame:
+    def _frame(
+        self, events: pl.DataFrame, out: np.ndarray, prep: pl.DataFrame | None = None
+    ) -> pl.DataFrame:
         values = out[:, 0 : 2 * K.NB : 2]
         typical = out[:, 1 : 2 * K.NB : 2]
         typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
         excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none, nan=0.0))
         model = np.column_stack(
-            [excess, out[:, K.O_OFF_HOURS], out[:, K.O_FAIL_ADDR], out[:, K.O_FAIL_PRINCIPAL],
-             out[:, K.O_NEW_PRINCIPAL]]
+            [
+                excess,
+                out[:, K.O_OFF_HOURS],
+                out[:, K.O_FAIL_ADDR],
+                out[:, K.O_FAIL_PRINCIPAL],
+                out[:, K.O_NEW_PRINCIPAL],
+            ]
         )
-        tables = (prep["tables"] if prep is not None
-                  else pl.Series("tables", [], pl.List(pl.String)))
+        tables = prep["tables"] if prep is not None else pl.Series("tables", [], pl.List(pl.String))
         context = events.select(
             *CONTEXT_COLUMNS, row_count=pl.coalesce("rows_returned", "rows_affected")
         ).with_columns(tables=tables)
         feats = pl.DataFrame(
             {name: out[:, i] for i, name in enumerate(K.OUT_COLUMNS)}
             | {name: model[:, i] for i, name in enumerate(MODEL_FEATURES)},
-            schema={**dict.fromkeys(K.OUT_COLUMNS, pl.Float64),
-                    **dict.fromkeys(MODEL_FEATURES, pl.Float64)},
+            schema={
+                **dict.fromkeys(K.OUT_COLUMNS, pl.Float64),
+                **dict.fromkeys(MODEL_FEATURES, pl.Float64),
+            },
         )
         return pl.concat([context, feats], how="horizontal")
 
@@ -269,8 +337,14 @@ class FeatureEngine:
         live = self._compacted()
         npz = directory / "state.npz"
         with npz.open("wb") as fh:
-            np.savez_compressed(fh, principal_state=self.state_[: len(self.principals_)],
-                                keys=live[0], kinds=live[1], ta=live[2], va=live[3])
+            np.savez_compressed(
+                fh,
+                principal_state=self.state_[: len(self.principals_)],
+                keys=live[0],
+                kinds=live[1],
+                ta=live[2],
+                va=live[3],
+            )
         meta = {
             "engine_version": ENGINE_VERSION,
             "spec_hash": self.spec_hash,
@@ -292,8 +366,10 @@ class FeatureEngine:
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot read feature state in {directory}: {exc}") from exc
         if meta.get("spec_hash") != self.spec_hash:
-            raise ModelError(f"feature state in {directory} was built for another feature spec "
-                             f"({meta.get('spec_hash')!s:.12} != {self.spec_hash:.12})")
+            raise ModelError(
+                f"feature state in {directory} was built for another feature spec "
+                f"({meta.get('spec_hash')!s:.12} != {self.spec_hash:.12})"
+            )
         names: list[str] = meta["principals"]
         if arrays["principal_state"].shape != (len(names), K.N_STATE):
             raise ModelError(f"feature state in {directory} is inconsistent")
@@ -309,8 +385,9 @@ class FeatureEngine:
 
     def _compacted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         now = self.last_event_time_ if self.last_event_time_ is not None else 0.0
-        return K.rebuild(self.keys_, self.kinds_, self.ta_, self.va_, self.expiry, now,
-                         self.keys_.shape[0])
+        return K.rebuild(
+            self.keys_, self.kinds_, self.ta_, self.va_, self.expiry, now, self.keys_.shape[0]
+        )
 
 
 def transform_all(engine: FeatureEngine, batches: Iterable[pl.DataFrame]) -> pl.DataFrame:

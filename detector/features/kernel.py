@@ -7,9 +7,9 @@ treats an entry older than its expiry exactly like an absent one, so dropping ex
 when the table is rebuilt cannot change any result: cutting one stream into different batches
 yields the same features.
 
-Counters are exponentially decayed (value * exp(-dt / tau)); a principal's baseline is a
-time-decayed, time-weighted mean of each tracked quantity over its own past events, read
-*before* the current event is added.
+Counters are exponentially decayed (value * exp(-dt / tau)); a principal's past is kept two ways: for counts and volumes, the previous
+high (the maximum over its last 14 active days of closed one-hour windows); for habits (aggregating over all tenants, bulk
+reads, COPY, new addresses and clients), the decayed share of its events that did it.
 """
 
 from __future__ import annotations
@@ -40,16 +40,13 @@ A_LOGIN_FAILED: Final = 6
 # --- parameters (indices into the params vector) --------------------------------------------
 P_TAU_RATE, P_TAU_1H, P_TAU_24H, P_TAU_TEN, P_W_TEN, P_W_TAB = 0, 1, 2, 3, 4, 5
 P_TAU_COV, P_TAU_FP, P_TAU_FAIL, P_TAU_BASE, P_TAU_HOUR, P_PAIR_EXPIRY = 6, 7, 8, 9, 10, 11
-P_BASE_STEP: Final = 12
-N_PARAMS: Final = 13
-
-# --- per-principal state columns ------------------------------------------------------------
-S_LAST_T, S_SEEN, S_RATE, S_SENS1H, S_SENS24H, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 3, 4, 5, 6, 7
-S_BASE_W, S_BASE_ROWS_W = 8, 9
-S_BASE0: Final = 10  # NB baseline sums start here
+P_WINDOW: Final = 12
+P_NOVELTY: Final = 13
+N_PARAMS: Final = 14
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
 QUANTITIES: Final = (
+    # counts and volumes, compared with the principal's previous high
     "rows",  # log1p(rows of this event); unknown rows -> NaN
     "sensitive_rows_1h",  # log1p(decayed rows read from sensitive tables, tau 1 h)
     "sensitive_rows_24h",  # same, tau 24 h
@@ -57,32 +54,55 @@ QUANTITIES: Final = (
     "tables_1h",  # log1p(distinct tables touched in ~1 h)
     "rate_5m",  # log1p(statements in ~5 min)
     "fingerprint_repeats_1h",  # log1p(repetitions of this statement shape in ~1 h)
-    "table_coverage",  # log10(rows read from this table in ~3 h / table size + 1e-4)
+    "table_coverage",  # log10(1 + 1e4 * rows read from this table in ~3 h / table size)
     "offset",  # log1p(OFFSET value)
+    # habits, compared with how often the principal does them
     "aggregate_all_tenants",  # 0/1: aggregate or GROUP BY over tenants, no tenant filter
     "bulk_sensitive_read",  # 0/1: sensitive table read without a tenant filter
     "copy_out",  # 0/1: COPY ... TO / dump
-    "new_address",  # 0/1: address not seen for this principal within the expiry
-    "new_client_app",  # 0/1: client app not seen for this principal within the expiry
+    "new_address",  # 0/1: address first seen for this principal within the last day
+    "new_client_app",  # 0/1: client app first seen for this principal within the last day
 )
 NB: Final = len(QUANTITIES)
 (Q_ROWS, Q_SENS1H, Q_SENS24H, Q_TEN, Q_TAB, Q_RATE, Q_FP, Q_COV, Q_OFF, Q_AGG, Q_BULK, Q_COPY,
  Q_NADDR, Q_NAPP) = range(NB)
-S_HIST0: Final = S_BASE0 + NB  # 24 hour-of-day bins follow the baseline sums
+NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest are habits
+
+# --- per-principal state columns ------------------------------------------------------------
+S_LAST_T, S_SEEN, S_RATE, S_SENS1H, S_SENS24H, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 3, 4, 5, 6, 7
+S_BASE_W, S_WIN_START, S_FIRST_T = 8, 9, 10
+HIGH_DAYS: Final = 14  # the previous high is the maximum over this many active days
+S_LAST_DAY, S_SLOT = 11, 12  # day number of the current ring slot (-1: none yet), its index
+S_HIGH0: Final = 13  # HIGH_DAYS x NC daily highs (closed windows only), a ring of active days
+S_WHIGH0: Final = S_HIGH0 + HIGH_DAYS * NC  # NC highs within the current window
+S_RATE0: Final = S_WHIGH0 + NC  # NB - NC habit sums
+S_HIST0: Final = S_RATE0 + (NB - NC)  # 24 hour-of-day bins
 N_STATE: Final = S_HIST0 + 24
+
 
 # --- extra output columns after the 2 * NB (value, typical) pairs ---------------------------
 O_OFF_HOURS, O_HOUR_SHARE, O_FAIL_ADDR, O_FAIL_PRINCIPAL, O_NEW_PRINCIPAL = (
-    2 * NB, 2 * NB + 1, 2 * NB + 2, 2 * NB + 3, 2 * NB + 4)
+    2 * NB,
+    2 * NB + 1,
+    2 * NB + 2,
+    2 * NB + 3,
+    2 * NB + 4,
+)
 O_COVERAGE, O_TABLE_ROWS = 2 * NB + 5, 2 * NB + 6
 N_OUT: Final = 2 * NB + 7
-EXTRA_OUTPUTS: Final = ("off_hours", "hour_share", "failed_logins_address_1h",
-                        "failed_logins_principal_1h", "new_principal", "coverage_ratio",
-                        "table_rows")
+EXTRA_OUTPUTS: Final = (
+    "off_hours",
+    "hour_share",
+    "failed_logins_address_1h",
+    "failed_logins_principal_1h",
+    "new_principal",
+    "coverage_ratio",
+    "table_rows",
+)
 OUT_COLUMNS: Final = tuple(
     [name for q in QUANTITIES for name in (q, f"{q}_typical")] + list(EXTRA_OUTPUTS)
 )
-COV_FLOOR: Final = 1e-4
+COV_SCALE: Final = 1e4
 
 
 @njit(cache=True, inline="always")
@@ -117,9 +137,15 @@ def _find(keys: np.ndarray, key: np.int64) -> int:  # pragma: no cover - compile
 
 
 @njit(cache=True)
-def rebuild(keys: np.ndarray, kinds: np.ndarray, ta: np.ndarray, va: np.ndarray,
-            expiry: np.ndarray, now: float, min_capacity: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+def rebuild(
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    expiry: np.ndarray,
+    now: float,
+    min_capacity: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """Drop expired entries and re-insert the live ones into a table of a fitting size."""
     live = 0
     for i in range(keys.shape[0]):
@@ -144,12 +170,31 @@ def rebuild(keys: np.ndarray, kinds: np.ndarray, ta: np.ndarray, va: np.ndarray,
 
 @njit(cache=True)
 def run(
-    t: np.ndarray, pidx: np.ndarray, addr: np.ndarray, app: np.ndarray, tenant: np.ndarray,
-    table: np.ndarray, fp: np.ndarray, action: np.ndarray, rows: np.ndarray,
-    sensitive: np.ndarray, agg_all: np.ndarray, bulk: np.ndarray, copy_out: np.ndarray,
-    whole_read: np.ndarray, offset: np.ndarray, hour: np.ndarray, known_size: np.ndarray,
-    ps: np.ndarray, keys: np.ndarray, kinds: np.ndarray, ta: np.ndarray, va: np.ndarray,
-    size: int, params: np.ndarray, expiry: np.ndarray,
+    t: np.ndarray,
+    pidx: np.ndarray,
+    addr: np.ndarray,
+    app: np.ndarray,
+    tenant: np.ndarray,
+    table: np.ndarray,
+    fp: np.ndarray,
+    action: np.ndarray,
+    rows: np.ndarray,
+    sensitive: np.ndarray,
+    agg_all: np.ndarray,
+    bulk: np.ndarray,
+    copy_out: np.ndarray,
+    whole_read: np.ndarray,
+    offset: np.ndarray,
+    hour: np.ndarray,
+    known_size: np.ndarray,
+    ps: np.ndarray,
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    size: int,
+    params: np.ndarray,
+    expiry: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """Compute the stateful features of one batch, updating the state in place.
 
@@ -184,23 +229,25 @@ def run(
             k = pair_key(K_ADDR_PAIR, p, addr[i])
             j = _find(keys, k)
             if keys[j] == EMPTY or now - ta[j] > params[P_PAIR_EXPIRY]:
-                new_addr = 1.0
+                va[j] = now  # first seen (again)
             if keys[j] == EMPTY:
                 keys[j] = k
                 kinds[j] = K_ADDR_PAIR
                 size += 1
-            ta[j] = max(ta[j], now) if new_addr == 0.0 else now
+            ta[j] = max(ta[j], now)
+            new_addr = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
         new_app = 0.0
         if app[i] != 0:
             k = pair_key(K_APP_PAIR, p, app[i])
             j = _find(keys, k)
             if keys[j] == EMPTY or now - ta[j] > params[P_PAIR_EXPIRY]:
-                new_app = 1.0
+                va[j] = now  # first seen (again)
             if keys[j] == EMPTY:
                 keys[j] = k
                 kinds[j] = K_APP_PAIR
                 size += 1
-            ta[j] = max(ta[j], now) if new_app == 0.0 else now
+            ta[j] = max(ta[j], now)
+            new_app = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
 
         # distinct tenants in a short window
         if tenant[i] != 0:
@@ -296,7 +343,7 @@ def run(
         share = ps[p, S_HIST0 + hour[i]] / total if total > 0.0 else 1.0 / 24.0
         ps[p, S_HIST0 + hour[i]] += 1.0
 
-        # tracked quantities against the principal's own baseline (read before update)
+        # tracked quantities against the principal's own past (read before this event counts)
         vals[Q_ROWS] = math.log1p(r) if known_rows else math.nan
         vals[Q_SENS1H] = math.log1p(ps[p, S_SENS1H])
         vals[Q_SENS24H] = math.log1p(ps[p, S_SENS24H])
@@ -304,7 +351,7 @@ def run(
         vals[Q_TAB] = math.log1p(ps[p, S_TAB])
         vals[Q_RATE] = math.log1p(ps[p, S_RATE])
         vals[Q_FP] = math.log1p(repeats)
-        vals[Q_COV] = math.log10(coverage + COV_FLOOR)
+        vals[Q_COV] = math.log10(1.0 + COV_SCALE * coverage)
         vals[Q_OFF] = math.log1p(offset[i]) if not math.isnan(offset[i]) else 0.0
         vals[Q_AGG] = 1.0 if agg_all[i] else 0.0
         vals[Q_BULK] = 1.0 if bulk[i] else 0.0
@@ -312,21 +359,44 @@ def run(
         vals[Q_NADDR] = new_addr
         vals[Q_NAPP] = new_app
         bdecay = math.exp(-dt / params[P_TAU_BASE])
-        ps[p, S_BASE_W] *= bdecay
-        ps[p, S_BASE_ROWS_W] *= bdecay
-        # An event weighs in by the time it covers (at most one baseline step), so a burst
-        # of hundreds of statements cannot drag the baseline along while it happens.
-        w = 1.0 if new_principal else min(1.0, dt / params[P_BASE_STEP])
-        for q in range(NB):
-            ps[p, S_BASE0 + q] *= bdecay
-            weight = ps[p, S_BASE_ROWS_W] if q == Q_ROWS else ps[p, S_BASE_W]
+        # Counts and volumes: the previous high, the maximum over the principal's last
+        # HIGH_DAYS active days of windows that have closed (a quiet fortnight does not erase
+        # it). The current window's high joins only when the window closes, so a burst cannot
+        # raise its own bar while it happens.
+        if new_principal:
+            ps[p, S_WIN_START] = now
+            ps[p, S_FIRST_T] = now
+            ps[p, S_LAST_DAY] = -1.0
+        elif now - ps[p, S_WIN_START] > params[P_WINDOW]:
+            day = math.floor(ps[p, S_WIN_START] / 86400.0)
+            fresh_day = ps[p, S_LAST_DAY] != day
+            if fresh_day:
+                ps[p, S_SLOT] = (ps[p, S_SLOT] + 1.0) % HIGH_DAYS
+                ps[p, S_LAST_DAY] = day
+            base = S_HIGH0 + int(ps[p, S_SLOT]) * NC
+            for q in range(NC):
+                whigh = ps[p, S_WHIGH0 + q]
+                ps[p, base + q] = whigh if fresh_day else max(ps[p, base + q], whigh)
+                ps[p, S_WHIGH0 + q] = 0.0
+            ps[p, S_WIN_START] = now
+        history = ps[p, S_LAST_DAY] >= 0.0
+        for q in range(NC):
+            high = 0.0
+            for d in range(HIGH_DAYS):
+                high = max(high, ps[p, S_HIGH0 + d * NC + q])
             out[i, 2 * q] = vals[q]
-            out[i, 2 * q + 1] = ps[p, S_BASE0 + q] / weight if weight > 0.0 else math.nan
+            out[i, 2 * q + 1] = high if history else math.nan
             if not math.isnan(vals[q]):
-                ps[p, S_BASE0 + q] += w * vals[q]
-        ps[p, S_BASE_W] += w
-        if known_rows:
-            ps[p, S_BASE_ROWS_W] += w
+                ps[p, S_WHIGH0 + q] = max(ps[p, S_WHIGH0 + q], vals[q])
+        # Habits: how often the principal does this, a decayed event-weighted share.
+        ps[p, S_BASE_W] *= bdecay
+        for q in range(NC, NB):
+            ps[p, S_RATE0 + q - NC] *= bdecay
+            weight = ps[p, S_BASE_W]
+            out[i, 2 * q] = vals[q]
+            out[i, 2 * q + 1] = ps[p, S_RATE0 + q - NC] / weight if weight > 0.0 else math.nan
+            ps[p, S_RATE0 + q - NC] += vals[q]
+        ps[p, S_BASE_W] += 1.0
 
         out[i, O_OFF_HOURS] = 1.0 - min(1.0, 24.0 * share) if total > 0.0 else 0.0
         out[i, O_HOUR_SHARE] = share

@@ -10,8 +10,16 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_TABLE_CLASSES: dict[str, list[str]] = {
-    "customer": ["*clients", "*customers", "*organizations", "*organisations", "*accounts",
-                 "*users", "*contacts", "*tenants"],
+    "customer": [
+        "*clients",
+        "*customers",
+        "*organizations",
+        "*organisations",
+        "*accounts",
+        "*users",
+        "*contacts",
+        "*tenants",
+    ],
     "usage": ["*search_events", "*search_counts", "*usage*", "*events_daily*", "*activity*"],
     "billing": ["*invoices", "*payments", "*subscriptions", "*billing*"],
     "credentials": ["*api_keys", "*tokens", "*passwords", "*secrets", "*credentials"],
@@ -29,8 +37,14 @@ class FeatureSettings(BaseModel):
         "'schema.table' (lower case). A table in any class counts as sensitive.",
     )
     tenant_keys: list[str] = Field(
-        default_factory=lambda: ["client_id", "tenant_id", "org_id", "organization_id",
-                                 "customer_id", "account_id"],
+        default_factory=lambda: [
+            "client_id",
+            "tenant_id",
+            "org_id",
+            "organization_id",
+            "customer_id",
+            "account_id",
+        ],
         description="Column names that identify a tenant (SaaS client) in WHERE and GROUP BY.",
     )
     tenant_tables: list[str] = Field(

@@ -24,13 +24,26 @@ from detector.features.settings import FeatureSettings
 _ROW_NORMALISE: Final = r"'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]+)?\b"
 # Shape-level normalisation, applied once per distinct row fingerprint.
 _IN_LIST: Final = re.compile(r"\(\s*\?(?:\s*,\s*\?)*\s*\)")
-_VALUES_LIST: Final = re.compile(r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))+")
+_VALUES_LIST: Final = re.compile(
+    r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))+"
+)
 _SPACE: Final = re.compile(r"\s+")
 _COPY_TO: Final = re.compile(r"^\s*copy\b.*\bto\b", re.IGNORECASE | re.DOTALL)
 _OFFSET: Final = re.compile(r"\boffset\b", re.IGNORECASE)
 
-KIND_CODES: Final = ("none", "select", "insert", "update", "delete", "copy_to", "copy_from",
-                     "ddl", "dcl", "set", "other")
+KIND_CODES: Final = (
+    "none",
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "copy_to",
+    "copy_from",
+    "ddl",
+    "dcl",
+    "set",
+    "other",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +157,19 @@ def analyse(norm: str, fingerprint: int, settings: FeatureSettings) -> Shape:
         tree = None
     if tree is None:
         copy_to = bool(_COPY_TO.match(norm))
-        return Shape(fingerprint, KIND_CODES.index("copy_to" if copy_to else "other"), False,
-                     (), False, False, False, False, bool(_OFFSET.search(norm)), False, False)
+        return Shape(
+            fingerprint,
+            KIND_CODES.index("copy_to" if copy_to else "other"),
+            False,
+            (),
+            False,
+            False,
+            False,
+            False,
+            bool(_OFFSET.search(norm)),
+            False,
+            False,
+        )
     tables = _tables(tree)
     keys = {k.lower() for k in settings.tenant_keys}
     tenant_table = any(settings.is_tenant_table(t) for t in tables)
@@ -172,8 +196,13 @@ def _kind(tree: exp.Expression) -> str:
         return "copy_from" if tree.args.get("kind") else "copy_to"
     if isinstance(tree, exp.Select | exp.Union | exp.Intersect | exp.Except):
         return "select"
-    for cls, name in ((exp.Insert, "insert"), (exp.Update, "update"), (exp.Delete, "delete"),
-                      (exp.Set, "set"), (exp.Grant, "dcl")):
+    for cls, name in (
+        (exp.Insert, "insert"),
+        (exp.Update, "update"),
+        (exp.Delete, "delete"),
+        (exp.Set, "set"),
+        (exp.Grant, "dcl"),
+    ):
         if isinstance(tree, cls):
             return name
     if isinstance(tree, exp.Create | exp.Drop | exp.Alter | exp.TruncateTable):

@@ -49,13 +49,21 @@ def count(anomalies: pl.DataFrame, gap_s: float = DEFAULT_GAP_S) -> int:
     """Number of incidents the given anomalous events form."""
     if anomalies.height == 0:
         return 0
-    return int(segment(anomalies.select("event_time", "action", "client_ip", "session_id",
-                                        "db_user"), gap_s)["incident_seq"].max() or 0)
+    return int(
+        segment(
+            anomalies.select("event_time", "action", "client_ip", "session_id", "db_user"), gap_s
+        )["incident_seq"].max()
+        or 0
+    )
 
 
-def build(anomalies: pl.DataFrame, *, explain: Callable[[Mapping[str, Any]], dict[str, Any]],
-          severity: Callable[[float, bool], str], gap_s: float = DEFAULT_GAP_S
-          ) -> list[dict[str, Any]]:
+def build(
+    anomalies: pl.DataFrame,
+    *,
+    explain: Callable[[Mapping[str, Any]], dict[str, Any]],
+    severity: Callable[[float, bool], str],
+    gap_s: float = DEFAULT_GAP_S,
+) -> list[dict[str, Any]]:
     """Incident records from scored anomalous events (feature rows with ``anomaly_score``)."""
     if anomalies.height == 0:
         return []
@@ -66,8 +74,11 @@ def build(anomalies: pl.DataFrame, *, explain: Callable[[Mapping[str, Any]], dic
     return incidents
 
 
-def _incident(part: pl.DataFrame, explain: Callable[[Mapping[str, Any]], dict[str, Any]],
-              severity: Callable[[float, bool], str]) -> dict[str, Any]:
+def _incident(
+    part: pl.DataFrame,
+    explain: Callable[[Mapping[str, Any]], dict[str, Any]],
+    severity: Callable[[float, bool], str],
+) -> dict[str, Any]:
     rows = part.to_dicts()
     peak = max(rows, key=lambda r: r["anomaly_score"])
     first: datetime = rows[0]["event_time"]

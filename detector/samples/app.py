@@ -5,6 +5,10 @@ The numbers (session starts, clients, statement counts and kinds, think times) a
 numpy vectors per day; a Python loop only formats the statements.
 """
 
+# Statement texts here are log data for a simulated audit trail, never executed: S608
+# ("SQL built from strings") does not apply.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import random
@@ -13,6 +17,7 @@ from datetime import timedelta
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from detector.samples.events import EventLog, Query, Session
 from detector.samples.world import (
@@ -39,17 +44,68 @@ WEEKEND_FACTOR: Final = 0.45
 _BINS: Final = 144  # ten-minute bins
 
 _SEARCH_WORDS: Final = (
-    "invoice", "pricing", "red", "shoes", "laptop", "refund", "shipping", "warranty", "blue",
-    "order", "status", "login", "reset", "password", "export", "report", "tax", "eu", "vat",
-    "delivery", "bulk", "discount", "api", "limits", "team", "seats", "plan", "upgrade",
-    "contract", "gdpr", "sso", "saml", "webhook", "latency", "usage", "storage", "mobile",
-    "android", "ios", "widget",
+    "invoice",
+    "pricing",
+    "red",
+    "shoes",
+    "laptop",
+    "refund",
+    "shipping",
+    "warranty",
+    "blue",
+    "order",
+    "status",
+    "login",
+    "reset",
+    "password",
+    "export",
+    "report",
+    "tax",
+    "eu",
+    "vat",
+    "delivery",
+    "bulk",
+    "discount",
+    "api",
+    "limits",
+    "team",
+    "seats",
+    "plan",
+    "upgrade",
+    "contract",
+    "gdpr",
+    "sso",
+    "saml",
+    "webhook",
+    "latency",
+    "usage",
+    "storage",
+    "mobile",
+    "android",
+    "ios",
+    "widget",
 )
-_SETTINGS_KEYS: Final = ("maintenance_banner", "max_search_results", "signup_enabled",
-                         "default_locale", "support_email")
+_SETTINGS_KEYS: Final = (
+    "maintenance_banner",
+    "max_search_results",
+    "signup_enabled",
+    "default_locale",
+    "support_email",
+)
 
-_OBJ: Final = {t: [t] for t in (ACCOUNTS, API_KEYS, APP_SETTINGS, CLIENTS, DAILY_COUNTS,
-                                FEATURE_FLAGS, INVOICES, SEARCH_EVENTS)}
+_OBJ: Final = {
+    t: [t]
+    for t in (
+        ACCOUNTS,
+        API_KEYS,
+        APP_SETTINGS,
+        CLIENTS,
+        DAILY_COUNTS,
+        FEATURE_FLAGS,
+        INVOICES,
+        SEARCH_EVENTS,
+    )
+}
 
 
 def expected_events_per_session() -> float:
@@ -72,9 +128,17 @@ class AppDay:
         self.flags = world.size(FEATURE_FLAGS, day)
         self.day0 = world.day_start_us(day)
         self.templates: tuple[Callable[[int, str, int], Query], ...] = (
-            self.client_by_id, self.accounts_page, self.account_by_email, self.insert_search,
-            self.search_counts, self.touch_login, self.api_key, self.feature_flags,
-            self.recent_searches, self.invoices, self.setting,
+            self.client_by_id,
+            self.accounts_page,
+            self.account_by_email,
+            self.insert_search,
+            self.search_counts,
+            self.touch_login,
+            self.api_key,
+            self.feature_flags,
+            self.recent_searches,
+            self.invoices,
+            self.setting,
         )
 
     #: Relative frequency of each template, in the order of ``templates``.
@@ -84,7 +148,7 @@ class AppDay:
         """A timestamptz literal for ``t_us`` (within a day or two of this day)."""
         offset = t_us - self.day0
         day, rest = divmod(offset, US_PER_DAY)
-        date_text = (self.today + timedelta(days=day)).isoformat() if day else self.today.isoformat()
+        date_text = (self.today + timedelta(days=day)).isoformat()
         seconds, micro = divmod(rest, US_PER_S)
         hours, seconds = divmod(seconds, 3600)
         minutes, seconds = divmod(seconds, 60)
@@ -92,8 +156,13 @@ class AppDay:
 
     def client_by_id(self, client: int, cid: str, t_us: int) -> Query:
         """The tenant's own client row."""
-        return Query(f"SELECT * FROM public.clients WHERE id = '{cid}'", _OBJ[CLIENTS], 1,
-                     tenant=cid, width=160)
+        return Query(
+            f"SELECT * FROM public.clients WHERE id = '{cid}'",
+            _OBJ[CLIENTS],
+            1,
+            tenant=cid,
+            width=160,
+        )
 
     def accounts_page(self, client: int, cid: str, t_us: int) -> Query:
         """One page of the tenant's user list (offset 0..200)."""
@@ -102,7 +171,12 @@ class AppDay:
         return Query(
             f"SELECT id, email, name FROM public.accounts WHERE client_id = '{cid}' "
             f"ORDER BY created_at DESC LIMIT 50 OFFSET {offset}",
-            _OBJ[ACCOUNTS], rows, tenant=cid, width=70, scanned=rows + offset)
+            _OBJ[ACCOUNTS],
+            rows,
+            tenant=cid,
+            width=70,
+            scanned=rows + offset,
+        )
 
     def account_by_email(self, client: int, cid: str, t_us: int) -> Query:
         """A sign-in lookup by e-mail (rarely a miss)."""
@@ -111,7 +185,11 @@ class AppDay:
         return Query(
             f"SELECT id, client_id, name, role, password_hash FROM public.accounts "
             f"WHERE client_id = '{cid}' AND email = '{email}'",
-            _OBJ[ACCOUNTS], rows, tenant=cid, width=150)
+            _OBJ[ACCOUNTS],
+            rows,
+            tenant=cid,
+            width=150,
+        )
 
     def insert_search(self, client: int, cid: str, t_us: int) -> Query:
         """A user ran a search."""
@@ -121,7 +199,12 @@ class AppDay:
         return Query(
             "INSERT INTO public.search_events (client_id, account_id, query, created_at) "
             f"VALUES ('{cid}', {account}, '{words}', '{self.timestamp(t_us)}')",
-            _OBJ[SEARCH_EVENTS], 1, "INSERT", "write", tenant=cid)
+            _OBJ[SEARCH_EVENTS],
+            1,
+            "INSERT",
+            "write",
+            tenant=cid,
+        )
 
     def search_counts(self, client: int, cid: str, t_us: int) -> Query:
         """The usage chart: daily search counts since the month or quarter began."""
@@ -132,7 +215,11 @@ class AppDay:
         return Query(
             f"SELECT day, searches FROM public.client_daily_search_counts "
             f"WHERE client_id = '{cid}' AND day >= '{since}' ORDER BY day",
-            _OBJ[DAILY_COUNTS], max(rows, 0), tenant=cid, width=18)
+            _OBJ[DAILY_COUNTS],
+            max(rows, 0),
+            tenant=cid,
+            width=18,
+        )
 
     def touch_login(self, client: int, cid: str, t_us: int) -> Query:
         """Record a sign-in."""
@@ -140,7 +227,12 @@ class AppDay:
         return Query(
             f"UPDATE public.accounts SET last_login_at = '{self.timestamp(t_us)}' "
             f"WHERE id = {account}",
-            _OBJ[ACCOUNTS], 1, "UPDATE", "write", tenant=cid)
+            _OBJ[ACCOUNTS],
+            1,
+            "UPDATE",
+            "write",
+            tenant=cid,
+        )
 
     def api_key(self, client: int, cid: str, t_us: int) -> Query:
         """Authenticate an API call by key hash."""
@@ -148,12 +240,17 @@ class AppDay:
         return Query(
             f"SELECT id, client_id, scopes FROM public.api_keys WHERE key_hash = '{key}' "
             "AND revoked_at IS NULL",
-            _OBJ[API_KEYS], 1, tenant=cid, width=60)
+            _OBJ[API_KEYS],
+            1,
+            tenant=cid,
+            width=60,
+        )
 
     def feature_flags(self, client: int, cid: str, t_us: int) -> Query:
         """The flag table, read whole (it is small and shared)."""
-        return Query("SELECT * FROM public.feature_flags", _OBJ[FEATURE_FLAGS], self.flags,
-                     width=52)
+        return Query(
+            "SELECT * FROM public.feature_flags", _OBJ[FEATURE_FLAGS], self.flags, width=52
+        )
 
     def recent_searches(self, client: int, cid: str, t_us: int) -> Query:
         """A user's search history."""
@@ -162,7 +259,12 @@ class AppDay:
         return Query(
             f"SELECT query, created_at FROM public.search_events WHERE client_id = '{cid}' "
             f"AND account_id = {account} ORDER BY created_at DESC LIMIT 20",
-            _OBJ[SEARCH_EVENTS], rows, tenant=cid, width=40, scanned=rows * 3)
+            _OBJ[SEARCH_EVENTS],
+            rows,
+            tenant=cid,
+            width=40,
+            scanned=rows * 3,
+        )
 
     def invoices(self, client: int, cid: str, t_us: int) -> Query:
         """The billing page."""
@@ -170,13 +272,21 @@ class AppDay:
         return Query(
             f"SELECT id, period, amount_cents, status FROM public.invoices "
             f"WHERE client_id = '{cid}' ORDER BY period DESC LIMIT 12",
-            _OBJ[INVOICES], rows, tenant=cid, width=40)
+            _OBJ[INVOICES],
+            rows,
+            tenant=cid,
+            width=40,
+        )
 
     def setting(self, client: int, cid: str, t_us: int) -> Query:
         """One application setting."""
         key = self.rng.choice(_SETTINGS_KEYS)
-        return Query(f"SELECT value FROM public.app_settings WHERE key = '{key}'",
-                     _OBJ[APP_SETTINGS], 1, width=40)
+        return Query(
+            f"SELECT value FROM public.app_settings WHERE key = '{key}'",
+            _OBJ[APP_SETTINGS],
+            1,
+            width=40,
+        )
 
 
 def app_sessions_per_day(world: World, day: int, weekday_events: float) -> float:
@@ -185,7 +295,9 @@ def app_sessions_per_day(world: World, day: int, weekday_events: float) -> float
     return weekday_events * factor / expected_events_per_session()
 
 
-def _session_starts(world: World, day: int, n: int, nrng: np.random.Generator) -> np.ndarray:
+def _session_starts(
+    world: World, day: int, n: int, nrng: np.random.Generator
+) -> npt.NDArray[np.int64]:
     """``n`` sorted session start times (us) following the day's noisy diurnal curve."""
     hours = (np.arange(_BINS) + 0.5) * 24 / _BINS
     weights = app_intensity(hours, weekend=world.is_weekend(day))
@@ -193,13 +305,14 @@ def _session_starts(world: World, day: int, n: int, nrng: np.random.Generator) -
     bins = nrng.choice(_BINS, size=n, p=weights / weights.sum())
     width = US_PER_DAY // _BINS
     offsets = bins * width + nrng.integers(0, width, n)
-    return np.sort(world.day_start_us(day) + offsets)
+    starts: npt.NDArray[np.int64] = np.sort(world.day_start_us(day) + offsets)
+    return starts
 
 
-def _client_weights(world: World, day: int) -> np.ndarray:
+def _client_weights(world: World, day: int) -> npt.NDArray[np.float64]:
     """Bigger tenants (more accounts) generate more sessions."""
-    weights = world.accounts[: world.active[day]].astype(np.float64) ** 0.75
-    return weights / weights.sum()
+    weights: npt.NDArray[np.float64] = world.accounts[: world.active[day]].astype(np.float64)
+    return weights**0.75 / np.sum(weights**0.75)
 
 
 def simulate_app_day(log: EventLog, world: World, day: int, weekday_events: float) -> None:
@@ -218,8 +331,9 @@ def simulate_app_day(log: EventLog, world: World, day: int, weekday_events: floa
     templates = AppDay(world, day, rng).templates
     user, app, addresses = world.app.name, world.app.client_app, world.app.addresses
     cursor = 0
-    for start, client, server, length in zip(starts, clients, servers, lengths.tolist(),
-                                             strict=True):
+    for start, client, server, length in zip(
+        starts, clients, servers, lengths.tolist(), strict=True
+    ):
         session: Session = log.open(user, addresses[server], app, start, rng)
         session.advance(0.002 + 0.01 * rng.random())
         cid = world.client_ids[client]
@@ -229,6 +343,7 @@ def simulate_app_day(log: EventLog, world: World, day: int, weekday_events: floa
         cursor += length
 
 
-def _normalised(weights: tuple[float, ...]) -> np.ndarray:
+def _normalised(weights: tuple[float, ...]) -> npt.NDArray[np.float64]:
     array = np.asarray(weights, dtype=np.float64)
-    return array / array.sum()
+    normalised: npt.NDArray[np.float64] = array / array.sum()
+    return normalised

@@ -6,6 +6,10 @@ into a scratch log measures a scenario's duration before it is placed: inside th
 ``attack_days`` days, at hours that fit its story, never overlapping another scenario.
 """
 
+# Statement texts here are log data for a simulated audit trail, never executed: S608
+# ("SQL built from strings") does not apply.
+# ruff: noqa: S608
+
 from __future__ import annotations
 
 import math
@@ -81,8 +85,9 @@ def _select(rng: random.Random, q: Query, gap_s: float, s: Session) -> None:
 
 
 def _full(table: str, rows: int, text: str | None = None) -> Query:
-    return Query(text or f"SELECT * FROM {table}", [table], rows, width=ROW_WIDTH[table],
-                 scanned=rows)
+    return Query(
+        text or f"SELECT * FROM {table}", [table], rows, width=ROW_WIDTH[table], scanned=rows
+    )
 
 
 def stolen_app_credentials_dump(
@@ -105,11 +110,21 @@ def aggregate_theft(
     who, n = cast.aggregate_agent, world.size(CLIENTS, day)
     s = log.open(who.name, who.addresses[0], "psql", t0, rng, may_fail=False)
     queries = (
-        Query("SELECT client_id, count(*) FROM public.accounts GROUP BY client_id", [ACCOUNTS],
-              n, width=16, scanned=world.size(ACCOUNTS, day)),
-        Query("SELECT client_id, sum(searches) FROM public.client_daily_search_counts "
-              "GROUP BY client_id", [DAILY_COUNTS], n, width=20,
-              scanned=world.size(DAILY_COUNTS, day)),
+        Query(
+            "SELECT client_id, count(*) FROM public.accounts GROUP BY client_id",
+            [ACCOUNTS],
+            n,
+            width=16,
+            scanned=world.size(ACCOUNTS, day),
+        ),
+        Query(
+            "SELECT client_id, sum(searches) FROM public.client_daily_search_counts "
+            "GROUP BY client_id",
+            [DAILY_COUNTS],
+            n,
+            width=20,
+            scanned=world.size(DAILY_COUNTS, day),
+        ),
         Query("SELECT id, name, domain FROM public.clients", [CLIENTS], n, width=60, scanned=n),
     )
     for query in queries:
@@ -125,9 +140,16 @@ def slow_pagination(
     s = log.open(who.name, who.addresses[0], who.client_app, t0, rng, may_fail=False)
     for page in range(math.ceil(size / 200)):
         rows = min(200, size - page * 200)
-        s.run(Query(f"SELECT * FROM public.accounts ORDER BY id LIMIT 200 OFFSET {page * 200}",
-                    [ACCOUNTS], rows, width=ROW_WIDTH[ACCOUNTS], scanned=page * 200 + rows),
-              rng.uniform(0.5, 1.0) if page == 0 else rng.uniform(15, 45))
+        s.run(
+            Query(
+                f"SELECT * FROM public.accounts ORDER BY id LIMIT 200 OFFSET {page * 200}",
+                [ACCOUNTS],
+                rows,
+                width=ROW_WIDTH[ACCOUNTS],
+                scanned=page * 200 + rows,
+            ),
+            rng.uniform(0.5, 1.0) if page == 0 else rng.uniform(15, 45),
+        )
     return (who.name,)
 
 
@@ -143,8 +165,11 @@ def copy_export(
         ("COPY public.clients TO STDOUT", CLIENTS),
     ):
         rows = world.size(table, day)
-        s.run(Query(text, [table], rows, "COPY", "copy", width=ROW_WIDTH[table], scanned=rows),
-              rng.uniform(20, 120), duration=round(rows * 0.0025 * rng.uniform(0.8, 1.3), 3))
+        s.run(
+            Query(text, [table], rows, "COPY", "copy", width=ROW_WIDTH[table], scanned=rows),
+            rng.uniform(20, 120),
+            duration=round(rows * 0.0025 * rng.uniform(0.8, 1.3), 3),
+        )
     return (who.name,)
 
 
@@ -167,14 +192,25 @@ def off_hours_insider(
         ids = _client_list(world, day, rng)
         rows = int(math.exp(rng.uniform(math.log(500), math.log(3000))))
         if rng.random() < 0.55:
-            query = Query("SELECT a.id, a.client_id, a.email, a.name, a.role, a.created_at "
-                          f"FROM public.accounts a WHERE a.client_id IN ({ids}) AND "
-                          "a.status = 'active' ORDER BY a.client_id", [ACCOUNTS], rows, width=110,
-                          scanned=rows)
+            query = Query(
+                "SELECT a.id, a.client_id, a.email, a.name, a.role, a.created_at "
+                f"FROM public.accounts a WHERE a.client_id IN ({ids}) AND "
+                "a.status = 'active' ORDER BY a.client_id",
+                [ACCOUNTS],
+                rows,
+                width=110,
+                scanned=rows,
+            )
         else:
-            query = Query("SELECT client_id, day, searches FROM public.client_daily_search_counts "
-                          f"WHERE client_id IN ({ids}) AND day >= '{since}' "
-                          "ORDER BY client_id, day", [DAILY_COUNTS], rows, width=26, scanned=rows)
+            query = Query(
+                "SELECT client_id, day, searches FROM public.client_daily_search_counts "
+                f"WHERE client_id IN ({ids}) AND day >= '{since}' "
+                "ORDER BY client_id, day",
+                [DAILY_COUNTS],
+                rows,
+                width=26,
+                scanned=rows,
+            )
         s.run(query, 3600 / count * rng.uniform(0.5, 1.5))
     return (who.name,)
 
@@ -195,14 +231,22 @@ def brute_force_then_login(
     who = cast.sprayed_analyst
     t = t0 + int((offsets[-1] + rng.uniform(20, 90)) * US_PER_S)
     s = log.open(who.name, cast.spray_address, "psql", t, rng, may_fail=False)
-    s.run(Query("SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN "
-                "pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-                "AND n.nspname = 'public'", ["pg_catalog.pg_class", "pg_catalog.pg_namespace"],
-                10, width=40), rng.uniform(3, 15))
+    s.run(
+        Query(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN "
+            "pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+            "AND n.nspname = 'public'",
+            ["pg_catalog.pg_class", "pg_catalog.pg_namespace"],
+            10,
+            width=40,
+        ),
+        rng.uniform(3, 15),
+    )
     for table, limit in ((CLIENTS, 1000), (ACCOUNTS, 5000)):
         rows = min(limit, world.size(table, day))
-        _select(rng, _full(table, rows, f"SELECT * FROM {table} LIMIT {limit}"),
-                rng.uniform(10, 60), s)
+        _select(
+            rng, _full(table, rows, f"SELECT * FROM {table} LIMIT {limit}"), rng.uniform(10, 60), s
+        )
     others = sorted(set(order[:attempts]) - {who.name})
     return (who.name, *others)
 
@@ -216,43 +260,94 @@ def cross_tenant_fanout(
     s = log.open(who.name, who.addresses[0], who.client_app, t0, rng, may_fail=False)
     for client in rng.sample(range(world.active[day]), count):
         cid = world.client_ids[client]
-        s.run(Query(f"SELECT * FROM public.accounts WHERE client_id = '{cid}'", [ACCOUNTS],
-                    int(world.accounts[client]), tenant=cid, width=ROW_WIDTH[ACCOUNTS]),
-              900 / count * rng.uniform(0.4, 1.6))
+        s.run(
+            Query(
+                f"SELECT * FROM public.accounts WHERE client_id = '{cid}'",
+                [ACCOUNTS],
+                int(world.accounts[client]),
+                tenant=cid,
+                width=ROW_WIDTH[ACCOUNTS],
+            ),
+            900 / count * rng.uniform(0.4, 1.6),
+        )
     return (who.name,)
 
 
 SCENARIOS: Final = (
-    Scenario("stolen_app_credentials_dump",
-             "app_api credentials used from a new address with a GUI client to read all of "
-             "clients, accounts and api_keys", 0, 24, False, stolen_app_credentials_dump),
-    Scenario("aggregate_theft",
-             "a support agent's credentials, usual address but psql: per-client COUNT/SUM over "
-             "accounts and search counts plus the client list (few rows, whole tables)",
-             0, 24, False, aggregate_theft),
-    Scenario("slow_pagination",
-             "a support agent pages through all of accounts with LIMIT 200 OFFSET k every "
-             "15-45 s for hours", 8, 18, True, slow_pagination),
-    Scenario("copy_export",
-             "an analyst exports accounts and clients with COPY ... TO STDOUT from a tool "
-             "they do not normally use", 8, 18, True, copy_export),
-    Scenario("off_hours_insider",
-             "an analyst with normal daytime volume runs 20-40 daytime-looking reads of "
-             "accounts and search counts between 01:00 and 04:00", 1, 4, True,
-             off_hours_insider),
-    Scenario("brute_force_then_login",
-             "password spraying over analysts, support agents and the DBA from one address, "
-             "then a successful analyst login with psql and bulk reads",
-             0, 24, False, brute_force_then_login),
-    Scenario("cross_tenant_fanout",
-             "a support agent reads the accounts of 300-500 different clients in ~15 minutes",
-             8, 18, True, cross_tenant_fanout),
+    Scenario(
+        "stolen_app_credentials_dump",
+        "app_api credentials used from a new address with a GUI client to read all of "
+        "clients, accounts and api_keys",
+        0,
+        24,
+        False,
+        stolen_app_credentials_dump,
+    ),
+    Scenario(
+        "aggregate_theft",
+        "a support agent's credentials, usual address but psql: per-client COUNT/SUM over "
+        "accounts and search counts plus the client list (few rows, whole tables)",
+        0,
+        24,
+        False,
+        aggregate_theft,
+    ),
+    Scenario(
+        "slow_pagination",
+        "a support agent pages through all of accounts with LIMIT 200 OFFSET k every "
+        "15-45 s for hours",
+        8,
+        18,
+        True,
+        slow_pagination,
+    ),
+    Scenario(
+        "copy_export",
+        "an analyst exports accounts and clients with COPY ... TO STDOUT from a tool "
+        "they do not normally use",
+        8,
+        18,
+        True,
+        copy_export,
+    ),
+    Scenario(
+        "off_hours_insider",
+        "an analyst with normal daytime volume runs 20-40 daytime-looking reads of "
+        "accounts and search counts between 01:00 and 04:00",
+        1,
+        4,
+        True,
+        off_hours_insider,
+    ),
+    Scenario(
+        "brute_force_then_login",
+        "password spraying over analysts, support agents and the DBA from one address, "
+        "then a successful analyst login with psql and bulk reads",
+        0,
+        24,
+        False,
+        brute_force_then_login,
+    ),
+    Scenario(
+        "cross_tenant_fanout",
+        "a support agent reads the accounts of 300-500 different clients in ~15 minutes",
+        8,
+        18,
+        True,
+        cross_tenant_fanout,
+    ),
 )
 SCENARIO_NAMES: Final = tuple(s.name for s in SCENARIOS)
 #: Longest and most constrained first, so the placement always finds room.
-_PLACEMENT_ORDER: Final = ("slow_pagination", "off_hours_insider", "cross_tenant_fanout",
-                           "copy_export", "brute_force_then_login", "stolen_app_credentials_dump",
-                           "aggregate_theft")
+_PLACEMENT_ORDER: Final = (
+    "slow_pagination",
+    "off_hours_insider",
+    "cross_tenant_fanout",
+    "copy_export",
+    "brute_force_then_login",
+    "stolen_app_credentials_dump",
+    "aggregate_theft",
+)
 
 
 def _cast(world: World, rng: random.Random) -> Cast:
@@ -261,8 +356,12 @@ def _cast(world: World, rng: random.Random) -> Cast:
     sprayed = tuple(p.name for p in (*world.analysts, *world.support, world.dba))
     dump_net = rng.choice(("203.0.113", "198.51.100"))
     return Cast(
-        aggregate_agent=agents[0], paging_agent=agents[1], fanout_agent=agents[2],
-        copy_analyst=analysts[0], night_analyst=analysts[1], sprayed_analyst=analysts[2],
+        aggregate_agent=agents[0],
+        paging_agent=agents[1],
+        fanout_agent=agents[2],
+        copy_analyst=analysts[0],
+        night_analyst=analysts[1],
+        sprayed_analyst=analysts[2],
         dump_address=f"{dump_net}.{rng.randint(2, 254)}",
         spray_address=f"192.0.2.{rng.randint(2, 254)}",
         sprayed=sprayed,
@@ -282,10 +381,15 @@ def _free(start: int, end: int, taken: list[tuple[int, int]]) -> bool:
 
 
 def _find_start(
-    scenario: Scenario, world: World, day: int, duration: int,
-    taken: list[tuple[int, int]], rng: random.Random,
+    scenario: Scenario,
+    world: World,
+    day: int,
+    duration: int,
+    taken: list[tuple[int, int]],
+    rng: random.Random,
 ) -> int | None:
-    """A start on ``day`` within the scenario's hours that overlaps nothing already placed."""
+    """A start on ``day`` such that the scenario lies within its hours (or starts at the
+    earliest hour if it is longer than they are) and overlaps nothing already placed."""
     day0 = world.day_start_us(day)
     lo = day0 + int(scenario.earliest_hour * US_PER_HOUR)
     hi = min(day0 + int(scenario.latest_hour * US_PER_HOUR), world.end_us - US_PER_S) - duration
@@ -296,6 +400,16 @@ def _find_start(
         if _free(start, start + duration, taken) and start + duration < world.end_us:
             return start
     return None
+
+
+def _candidate_days(
+    scenario: Scenario, world: World, window: list[int], rng: random.Random
+) -> list[int]:
+    """The attack days in random order; weekdays first for a scenario that prefers them (a
+    window of only Saturday and Sunday leaves it the weekend at the same hours)."""
+    preferred = [d for d in window if not (scenario.weekday and world.is_weekend(d))]
+    rng.shuffle(preferred)
+    return preferred + [d for d in window if d not in preferred]
 
 
 def inject_attacks(log: EventLog, world: World, attack_days: int) -> list[ScenarioRun]:
@@ -311,11 +425,7 @@ def inject_attacks(log: EventLog, world: World, attack_days: int) -> list[Scenar
     by_name = {s.name: s for s in SCENARIOS}
     for name in _PLACEMENT_ORDER:
         scenario = by_name[name]
-        weekdays = [d for d in window if not world.is_weekend(d)]
-        days = weekdays if scenario.weekday and weekdays else list(window)
-        rng.shuffle(days)
-        days += [d for d in window if d not in days]
-        for day in days:
+        for day in _candidate_days(scenario, world, window, rng):
             duration = _duration(scenario, world, day, cast)
             start = _find_start(scenario, world, day, duration, taken, rng)
             if start is not None:
@@ -323,8 +433,9 @@ def inject_attacks(log: EventLog, world: World, attack_days: int) -> list[Scenar
         else:
             raise ConfigError(f"no room for scenario {name!r} in the last {attack_days} day(s)")
         first_key = log.sessions
-        principals = scenario.build(log, world, day, start,
-                                    py_rng(world.seed, "attack", scenario.name), cast)
+        principals = scenario.build(
+            log, world, day, start, py_rng(world.seed, "attack", scenario.name), cast
+        )
         taken.append((start, start + duration))
         runs[name] = ScenarioRun(scenario, principals, tuple(range(first_key, log.sessions)))
     return [runs[s.name] for s in SCENARIOS]

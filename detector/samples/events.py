@@ -76,7 +76,6 @@ class EventLog:
         self.session_user: list[str] = []
         self.session_ip: list[str] = []
         self.session_app: list[str | None] = []
-        self.session_may_fail: list[bool] = []
 
     def __len__(self) -> int:
         return len(self.time_us)
@@ -96,29 +95,32 @@ class EventLog:
         *,
         may_fail: bool = True,
     ) -> Session:
-        """Log a successful login at ``t_us`` and return the session."""
-        key = self._new_session(user, ip, app, may_fail=may_fail)
+        """Log a successful login at ``t_us`` and return the session. Statements of a session
+        that ``may_fail`` fail at :data:`FAILURE_RATE` (attacks and scheduled jobs do not)."""
+        key = self._new_session(user, ip, app)
         self._login(key, t_us, "login", success=True, extra=None)
-        return Session(self, key, t_us, rng)
+        return Session(self, key, t_us, rng, may_fail=may_fail)
 
     def failed_login(self, user: str, ip: str, app: str | None, t_us: int) -> int:
         """Log a rejected password at ``t_us``; returns the session key of the attempt."""
-        key = self._new_session(user, ip, app, may_fail=False)
+        key = self._new_session(user, ip, app)
         error = f'password authentication failed for user "{user}"'
         extra = [{"key": "sqlstate", "value": "28P01"}, {"key": "error", "value": error}]
         self._login(key, t_us, "login_failed", success=False, extra=extra)
         return key
 
-    def _new_session(self, user: str, ip: str, app: str | None, *, may_fail: bool) -> int:
+    def _new_session(self, user: str, ip: str, app: str | None) -> int:
         self.session_user.append(user)
         self.session_ip.append(ip)
         self.session_app.append(app)
-        self.session_may_fail.append(may_fail)
         return len(self.session_user) - 1
 
-    def _login(self, key: int, t_us: int, action: str, *, success: bool, extra: Extra | None) -> None:
-        self.append(key, t_us, None, action, None, None, None, None, None, None, None, None,
-                    success, extra)
+    def _login(
+        self, key: int, t_us: int, action: str, *, success: bool, extra: Extra | None
+    ) -> None:
+        self.append(
+            key, t_us, None, action, None, None, None, None, None, None, None, None, success, extra
+        )
 
     def append(
         self,
@@ -144,8 +146,10 @@ class EventLog:
         self.action.append(action)
         self.command.append(command)
         self.objects.append(
-            None if objects is None
-            else self._object_ids.setdefault(tuple(objects), len(self._object_ids)))
+            None
+            if objects is None
+            else self._object_ids.setdefault(tuple(objects), len(self._object_ids))
+        )
         self.text.append(text)
         self.tenant.append(tenant)
         self.rows_returned.append(rows_returned)
@@ -154,24 +158,6 @@ class EventLog:
         self.duration.append(duration)
         self.success.append(success)
         self.extra.append(extra)
-
-    def inject_failures(self, rng: np.random.Generator, rate: float = FAILURE_RATE) -> int:
-        """Turn a random ``rate`` of statements in sessions that may fail into errors: success
-        false, row counts and bytes null, SQLSTATE and message in ``extra``. Returns how many."""
-        may_fail = np.asarray(self.session_may_fail, dtype=bool)[np.asarray(self.session)]
-        is_statement = np.asarray([s is not None for s in self.seq], dtype=bool)
-        picked = np.flatnonzero(may_fail & is_statement & (rng.random(len(self)) < rate))
-        for i in picked.tolist():
-            command = self.command[i] or ""
-            sqlstate, message, spent = _FAILURES.get(command, _DEFAULT_FAILURE)
-            self.success[i] = False
-            self.rows_returned[i] = None
-            self.rows_affected[i] = None
-            self.bytes_sent[i] = None
-            self.duration[i] = spent
-            self.extra[i] = [{"key": "sqlstate", "value": sqlstate},
-                             {"key": "error", "value": message}]
-        return len(picked)
 
     def to_frame(self) -> pl.DataFrame:
         """The events as a canonical frame (unsorted) plus an internal ``session_key`` column;
@@ -182,7 +168,8 @@ class EventLog:
         frame = pl.DataFrame(
             {
                 "event_time": pl.Series(self.time_us, dtype=pl.Int64).cast(
-                    EVENT_SCHEMA["event_time"]),
+                    EVENT_SCHEMA["event_time"]
+                ),
                 "db_user": pl.Series(self.session_user, dtype=pl.String).gather(keys),
                 "action": pl.Series(self.action, dtype=pl.String),
                 "source_format": pl.repeat(SOURCE_FORMAT, n, eager=True, dtype=pl.String),
@@ -195,9 +182,9 @@ class EventLog:
                 "session_id": pl.Series([None] * n, dtype=pl.String),
                 "statement_id": seq,
                 "command": pl.Series(self.command, dtype=pl.String),
-                "objects": pl.Series([list(k) for k in self._object_ids],
-                                     dtype=EVENT_SCHEMA["objects"]).gather(
-                    pl.Series(self.objects, dtype=pl.UInt32)),
+                "objects": pl.Series(
+                    [list(k) for k in self._object_ids], dtype=EVENT_SCHEMA["objects"]
+                ).gather(pl.Series(self.objects, dtype=pl.UInt32)),
                 "statement_text": pl.Series(self.text, dtype=pl.String),
                 "rows_returned": pl.Series(self.rows_returned, dtype=pl.Int64),
                 "rows_affected": pl.Series(self.rows_affected, dtype=pl.Int64),
@@ -214,14 +201,17 @@ class EventLog:
 class Session:
     """An open database session with its own clock (``now``, microseconds)."""
 
-    __slots__ = ("key", "log", "now", "rng", "seq")
+    __slots__ = ("key", "log", "may_fail", "now", "rng", "seq")
 
-    def __init__(self, log: EventLog, key: int, t_us: int, rng: random.Random) -> None:
+    def __init__(
+        self, log: EventLog, key: int, t_us: int, rng: random.Random, *, may_fail: bool = True
+    ) -> None:
         self.log = log
         self.key = key
         self.now = t_us
         self.rng = rng
         self.seq = 0
+        self.may_fail = may_fail
 
     def advance(self, seconds: float) -> int:
         """Move the clock on by ``seconds`` of think time; returns the new time."""
@@ -234,6 +224,8 @@ class Session:
         rng = self.rng
         t = self.advance(gap_s)
         self.seq += 1
+        if self.may_fail and rng.random() < FAILURE_RATE:
+            return self._fail(q, t)
         if duration is None:
             duration = duration_ms(rng, q.rows, q.scanned)
         returned = affected = sent = None
@@ -245,10 +237,47 @@ class Session:
             sent = 16 + rng.randrange(8)
         else:
             sent = 12 + rng.randrange(8)
-        self.log.append(self.key, t, self.seq, q.action, q.command, q.objects, q.text,
-                        q.tenant, returned, affected, sent, duration, True, None)
+        self.log.append(
+            self.key,
+            t,
+            self.seq,
+            q.action,
+            q.command,
+            q.objects,
+            q.text,
+            q.tenant,
+            returned,
+            affected,
+            sent,
+            duration,
+            True,
+            None,
+        )
         self.now = t + int(duration * 1000)
         return duration
+
+    def _fail(self, q: Query, t: int) -> float:
+        """Log ``q`` as failed: no row counts or bytes, SQLSTATE and message in ``extra``."""
+        sqlstate, message, spent = _FAILURES.get(q.command, _DEFAULT_FAILURE)
+        extra = [{"key": "sqlstate", "value": sqlstate}, {"key": "error", "value": message}]
+        self.log.append(
+            self.key,
+            t,
+            self.seq,
+            q.action,
+            q.command,
+            q.objects,
+            q.text,
+            q.tenant,
+            None,
+            None,
+            None,
+            spent,
+            False,
+            extra,
+        )
+        self.now = t + int(spent * 1000)
+        return spent
 
 
 def assign_session_ids(frame: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
@@ -258,7 +287,8 @@ def assign_session_ids(frame: pl.DataFrame, rng: np.random.Generator) -> pl.Data
     server hands them out; ``(start second, pid)`` is unique, so the ids are too.
     """
     firsts = frame.select("session_key", "event_time").unique(
-        "session_key", keep="first", maintain_order=True)
+        "session_key", keep="first", maintain_order=True
+    )
     keys = firsts["session_key"].to_numpy()
     seconds = (firsts["event_time"].dt.epoch("us") // US_PER_S).to_list()
     pids = (4000 + np.cumsum(rng.integers(1, 40, len(keys)))) % 4_190_000 + 300

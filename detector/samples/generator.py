@@ -64,8 +64,9 @@ def _validate(days: int, start: date, events_per_day: int, attack_days: int) -> 
     if not 1 <= days <= MAX_DAYS:
         raise ConfigError(f"days must be between 1 and {MAX_DAYS}, got {days}")
     if events_per_day < MIN_EVENTS_PER_DAY:
-        raise ConfigError(f"events_per_day must be at least {MIN_EVENTS_PER_DAY}, "
-                          f"got {events_per_day}")
+        raise ConfigError(
+            f"events_per_day must be at least {MIN_EVENTS_PER_DAY}, got {events_per_day}"
+        )
     if not 0 <= attack_days <= days:
         raise ConfigError(f"attack_days must be between 0 and days ({days}), got {attack_days}")
 
@@ -107,7 +108,6 @@ def generate(
     world = build_world(seed=seed, start=start, days=days, events_per_day=events_per_day)
     log, windows = _simulate(world, progress)
     runs = inject_attacks(log, world, attack_days)
-    log.inject_failures(np_rng(seed, "failures"))
     frame = (
         log.to_frame()
         .filter(pl.col("event_time") < pl.lit(world.end_us).cast(EVENT_SCHEMA["event_time"]))
@@ -140,8 +140,14 @@ def write_sample(
     """Generate a sample (see :func:`generate`) and write ``out/events.parquet``,
     ``out/events.jsonl`` (``.gz``/``.zst`` when compressed) and ``out/labels.json``."""
     jsonl = out / jsonl_name(jsonl_compression)
-    frame, labels = generate(days=days, seed=seed, start=start, events_per_day=events_per_day,
-                             attack_days=attack_days, progress=progress)
+    frame, labels = generate(
+        days=days,
+        seed=seed,
+        start=start,
+        events_per_day=events_per_day,
+        attack_days=attack_days,
+        progress=progress,
+    )
     out.mkdir(parents=True, exist_ok=True)
     parquet, labels_path = out / "events.parquet", out / "labels.json"
     write_parquet(frame, parquet)
@@ -150,7 +156,13 @@ def write_sample(
     counts = frame.group_by("db_user").len().sort("db_user")
     per_principal = dict(zip(counts["db_user"].to_list(), counts["len"].to_list(), strict=True))
     return SampleSummary(
-        directory=out, parquet=parquet, jsonl=jsonl, labels=labels_path,
-        events=frame.height, days=days, start=start,
-        per_principal=MappingProxyType(per_principal), scenarios=len(labels["scenarios"]),
+        directory=out,
+        parquet=parquet,
+        jsonl=jsonl,
+        labels=labels_path,
+        events=frame.height,
+        days=days,
+        start=start,
+        per_principal=MappingProxyType(per_principal),
+        scenarios=len(labels["scenarios"]),
     )

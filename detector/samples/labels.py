@@ -87,8 +87,11 @@ def benign_labels(windows: list[HeavyWindow], end_us: int) -> list[BenignLabel]:
         runs = [w for w in windows if w.activity == activity and w.start_us < end_us]
         for principal in sorted({w.principal for w in runs}):
             spans = sorted((w.start_us, w.end_us) for w in runs if w.principal == principal)
-            labels.append(BenignLabel(
-                activity=activity, principal=principal,
-                windows=[[iso(a), iso(min(b, end_us - 1))] for a, b in spans],
-            ))
+            labels.append(
+                BenignLabel(
+                    activity=activity,
+                    principal=principal,
+                    windows=[[iso(a), iso(min(b, end_us - 1))] for a, b in spans],
+                )
+            )
     return labels

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Final, Literal
+from typing import BinaryIO, Final, Literal, Protocol
 
 import orjson
 import polars as pl
@@ -32,8 +32,9 @@ _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%S%.6fZ"
 def jsonl_name(compression: str | None) -> str:
     """``events.jsonl`` with the suffix of ``compression``; unknown names are an error."""
     if compression not in JSONL_SUFFIXES:
-        raise UnknownNameError("JSON lines compression", str(compression),
-                               [str(k) for k in JSONL_SUFFIXES])
+        raise UnknownNameError(
+            "JSON lines compression", str(compression), [str(k) for k in JSONL_SUFFIXES]
+        )
     return "events.jsonl" + JSONL_SUFFIXES[compression]
 
 
@@ -59,26 +60,33 @@ def jsonl_records(frame: pl.DataFrame) -> Iterator[bytes]:
     ISO 8601 with microseconds and ``Z``, ``extra`` as an object, null fields left out."""
     for offset in range(0, frame.height, _CHUNK_ROWS):
         chunk = frame.slice(offset, _CHUNK_ROWS)
-        times = chunk["event_time"].dt.strftime(_TIME_FORMAT).to_list()
-        names = [c for c in COLUMNS if c not in ("event_time", "extra")]
-        columns = [chunk[c].to_list() for c in names]
+        names = [c for c in COLUMNS if c != "extra"]
+        columns = [chunk[c].to_list() for c in names[1:]]
+        columns.insert(0, chunk["event_time"].dt.strftime(_TIME_FORMAT).to_list())
         extras = chunk["extra"].to_list()
         lines = []
-        for i, row in enumerate(zip(*columns, strict=True)):
-            record: dict[str, object] = {"event_time": times[i]}
-            record.update((k, v) for k, v in zip(names, row, strict=True) if v is not None)
-            if extras[i]:
-                record["extra"] = {kv["key"]: kv["value"] for kv in extras[i]}
+        for row, extra in zip(zip(*columns, strict=True), extras, strict=True):
+            record = {k: v for k, v in zip(names, row, strict=True) if v is not None}
+            if extra:
+                record["extra"] = {kv["key"]: kv["value"] for kv in extra}
             lines.append(orjson.dumps(record))
         lines.append(b"")
         yield b"\n".join(lines)
 
 
-def _open_compressed(raw: BinaryIO, compression: Compression) -> BinaryIO:
+class _Writer(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def _open_compressed(raw: BinaryIO, compression: Compression) -> _Writer:
+    """A compressing writer over ``raw`` (``raw`` itself when uncompressed). Closing it
+    flushes the compressed stream but leaves ``raw`` open."""
     if compression == "gzip":
         return gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0)
     if compression == "zstd":
-        writer: BinaryIO = zstandard.ZstdCompressor(level=6).stream_writer(raw, closefd=False)
+        writer: _Writer = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
         return writer
     return raw
 

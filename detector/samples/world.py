@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 SOURCE_FORMAT: Final = "canonical"
 DB_SYSTEM: Final = "postgresql"
@@ -32,6 +33,9 @@ DEFAULT_CLIENTS: Final = 2000
 DEFAULT_EVENTS_PER_DAY: Final = 40_000
 MIN_CLIENTS: Final = 600
 MAX_CLIENTS: Final = 8000
+#: New search_events rows a weekday per requested event: about what the logged web-app
+#: inserts amount to, so the table grows as the log says it does.
+SEARCHES_PER_EVENT: Final = 0.2
 
 CLIENTS: Final = "public.clients"
 ACCOUNTS: Final = "public.accounts"
@@ -46,8 +50,18 @@ APP_SETTINGS: Final = "public.app_settings"
 
 #: Column lists as ``SELECT *`` and ``COPY`` see them.
 TABLE_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
-    ACCOUNTS: ("id", "client_id", "email", "name", "role", "status", "password_hash",
-               "failed_logins", "created_at", "last_login_at"),
+    ACCOUNTS: (
+        "id",
+        "client_id",
+        "email",
+        "name",
+        "role",
+        "status",
+        "password_hash",
+        "failed_logins",
+        "created_at",
+        "last_login_at",
+    ),
     API_KEYS: ("id", "client_id", "key_hash", "scopes", "created_at", "revoked_at"),
     APP_SETTINGS: ("key", "value", "updated_at"),
     DAILY_COUNTS: ("client_id", "day", "searches"),
@@ -60,8 +74,16 @@ TABLE_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
 }
 #: Average bytes of one full row on the wire (text protocol).
 ROW_WIDTH: Final[dict[str, int]] = {
-    ACCOUNTS: 230, API_KEYS: 130, APP_SETTINGS: 60, DAILY_COUNTS: 26, CLIENTS: 160,
-    COUNTRIES: 22, FEATURE_FLAGS: 52, INVOICES: 72, SCHEMA_MIGRATIONS: 32, SEARCH_EVENTS: 92,
+    ACCOUNTS: 230,
+    API_KEYS: 130,
+    APP_SETTINGS: 60,
+    DAILY_COUNTS: 26,
+    CLIENTS: 160,
+    COUNTRIES: 22,
+    FEATURE_FLAGS: 52,
+    INVOICES: 72,
+    SCHEMA_MIGRATIONS: 32,
+    SEARCH_EVENTS: 92,
 }
 #: Tables in the order pg_dump copies them.
 DUMP_ORDER: Final = tuple(sorted(TABLE_COLUMNS))
@@ -69,25 +91,122 @@ DUMP_ORDER: Final = tuple(sorted(TABLE_COLUMNS))
 PLANS: Final = ("free", "starter", "business", "enterprise")
 ANALYST_APPS: Final = ("DBeaver 23.3.0", "DataGrip 2023.3", "psql")
 FIRST_NAMES: Final = (
-    "anna", "ben", "carla", "david", "elena", "farid", "grace", "hugo", "ines", "jonas", "kira",
-    "liam", "maya", "noah", "olga", "pablo", "quinn", "rosa", "sami", "tara", "umar", "vera",
-    "wei", "xenia", "yusuf", "zoe", "amir", "bianca", "chen", "dora", "emil", "freya", "gus",
-    "hana", "ivan", "julia", "kofi", "lena", "marco", "nadia",
+    "anna",
+    "ben",
+    "carla",
+    "david",
+    "elena",
+    "farid",
+    "grace",
+    "hugo",
+    "ines",
+    "jonas",
+    "kira",
+    "liam",
+    "maya",
+    "noah",
+    "olga",
+    "pablo",
+    "quinn",
+    "rosa",
+    "sami",
+    "tara",
+    "umar",
+    "vera",
+    "wei",
+    "xenia",
+    "yusuf",
+    "zoe",
+    "amir",
+    "bianca",
+    "chen",
+    "dora",
+    "emil",
+    "freya",
+    "gus",
+    "hana",
+    "ivan",
+    "julia",
+    "kofi",
+    "lena",
+    "marco",
+    "nadia",
 )
 LAST_NAMES: Final = (
-    "smith", "garcia", "muller", "rossi", "kowalski", "nielsen", "dubois", "tanaka", "silva",
-    "novak", "jensen", "okafor", "larsen", "moreau", "fischer", "kim", "patel", "berg", "costa",
-    "weber", "ivanova", "lind", "meyer", "haddad", "olsen", "santos", "varga", "wagner",
-    "yilmaz", "zhang",
+    "smith",
+    "garcia",
+    "muller",
+    "rossi",
+    "kowalski",
+    "nielsen",
+    "dubois",
+    "tanaka",
+    "silva",
+    "novak",
+    "jensen",
+    "okafor",
+    "larsen",
+    "moreau",
+    "fischer",
+    "kim",
+    "patel",
+    "berg",
+    "costa",
+    "weber",
+    "ivanova",
+    "lind",
+    "meyer",
+    "haddad",
+    "olsen",
+    "santos",
+    "varga",
+    "wagner",
+    "yilmaz",
+    "zhang",
 )
 _ADJECTIVES: Final = (
-    "bright", "northern", "blue", "swift", "silver", "quiet", "bold", "clear", "green", "prime",
-    "urban", "coastal", "golden", "rapid", "solid", "open", "true", "vivid", "alpine", "amber",
+    "bright",
+    "northern",
+    "blue",
+    "swift",
+    "silver",
+    "quiet",
+    "bold",
+    "clear",
+    "green",
+    "prime",
+    "urban",
+    "coastal",
+    "golden",
+    "rapid",
+    "solid",
+    "open",
+    "true",
+    "vivid",
+    "alpine",
+    "amber",
 )
 _NOUNS: Final = (
-    "harbor", "labs", "works", "analytics", "logistics", "media", "health", "foods", "energy",
-    "systems", "retail", "studio", "finance", "travel", "robotics", "learning", "design",
-    "legal", "cloud", "farms",
+    "harbor",
+    "labs",
+    "works",
+    "analytics",
+    "logistics",
+    "media",
+    "health",
+    "foods",
+    "energy",
+    "systems",
+    "retail",
+    "studio",
+    "finance",
+    "travel",
+    "robotics",
+    "learning",
+    "design",
+    "legal",
+    "cloud",
+    "farms",
 )
 _SUFFIXES: Final = ("Ltd", "Inc", "GmbH", "AB", "BV", "SAS", "Oy", "AS", "LLC", "SRL")
 
@@ -124,9 +243,9 @@ class Principal:
 
 @dataclass(frozen=True)
 class World:
-    """Everything fixed for one sample. Client ``i`` exists from the start of day
-    ``created_day[i]`` (negative for clients older than the sample); clients are ordered by
-    creation, so the clients alive on day ``d`` are the first ``active[d]``."""
+    """Everything fixed for one sample. Clients are ordered by sign-up, so the clients that
+    exist on day ``d`` are the first ``active[d]``; ``sizes[d]`` are the tables' row counts
+    at the start of day ``d``."""
 
     seed: int
     start: date
@@ -138,7 +257,6 @@ class World:
     client_plans: tuple[str, ...]
     accounts: np.ndarray
     account_base: np.ndarray
-    created_day: np.ndarray
     active: tuple[int, ...]
     sizes: tuple[dict[str, int], ...]
     search_growth: tuple[int, ...]
@@ -179,8 +297,7 @@ class World:
 
     def principals(self) -> tuple[Principal, ...]:
         """Every benign principal."""
-        return (self.app, self.batch, self.bi, self.backup, self.dba, *self.analysts,
-                *self.support)
+        return (self.app, self.batch, self.bi, self.backup, self.dba, *self.analysts, *self.support)
 
     def account_id(self, client: int, rng: random.Random) -> int:
         """A random account id belonging to ``client``."""
@@ -234,13 +351,13 @@ def _plan_for(accounts: int, rng: random.Random) -> str:
     return "starter" if accounts > 8 else "free"
 
 
-def _new_clients_per_day(world_rng: random.Random, start: date, days: int, scale: float) -> list[int]:
+def _new_clients_per_day(rng: random.Random, start: date, days: int, scale: float) -> list[int]:
     """How many clients sign up on each day (weekdays busier)."""
     counts = []
     for day in range(days):
         weekend = (start + timedelta(days=day)).weekday() >= 5
         mean = (0.4 if weekend else 1.6) * scale
-        counts.append(_poisson(world_rng, mean))
+        counts.append(_poisson(rng, mean))
     return counts
 
 
@@ -285,33 +402,44 @@ def build_world(*, seed: int, start: date, days: int, events_per_day: int) -> Wo
     new = np.maximum(1, np.round(nrng.lognormal(1.3, 0.9, total - n0))).astype(np.int64)
     accounts = np.concatenate([old, new])
     account_base = np.concatenate([[1001], 1001 + np.cumsum(accounts)[:-1]]).astype(np.int64)
-    created = [-1] * n0 + [d for d, k in enumerate(new_per_day) for _ in range(k)]
     active = tuple(n0 + sum(new_per_day[:d]) for d in range(days + 1))
 
     names, domains = _client_names(rng, total)
     plans = tuple(_plan_for(int(a), rng) for a in accounts)
     search_growth = tuple(
-        round(70 * n0 * (0.45 if (start + timedelta(days=d)).weekday() >= 5 else 1.0)
-              * rng.uniform(0.9, 1.1))
+        round(
+            SEARCHES_PER_EVENT
+            * events_per_day
+            * rng.uniform(0.9, 1.1)
+            * (0.45 if (start + timedelta(days=d)).weekday() >= 5 else 1.0)
+        )
         for d in range(days)
     )
     inserted = tuple(round(active[d] * rng.uniform(0.9, 0.96)) for d in range(days))
     sizes = _table_sizes(start, days, n0, active, accounts, search_growth, inserted)
     analysts, support = _principals(rng)
     return World(
-        seed=seed, start=start, days=days, events_per_day=events_per_day,
+        seed=seed,
+        start=start,
+        days=days,
+        events_per_day=events_per_day,
         client_ids=tuple(f"c{i + 1:05d}" for i in range(total)),
-        client_names=tuple(names), client_domains=tuple(domains), client_plans=plans,
-        accounts=accounts, account_base=account_base,
-        created_day=np.asarray(created, dtype=np.int64), active=active, sizes=sizes,
-        search_growth=search_growth, daily_counts_inserted=inserted,
-        app=Principal("app_api", "app", tuple(f"10.0.1.{h}" for h in range(11, 15)),
-                      "saas-web"),
+        client_names=tuple(names),
+        client_domains=tuple(domains),
+        client_plans=plans,
+        accounts=accounts,
+        account_base=account_base,
+        active=active,
+        sizes=sizes,
+        search_growth=search_growth,
+        daily_counts_inserted=inserted,
+        app=Principal("app_api", "app", tuple(f"10.0.1.{h}" for h in range(11, 15)), "saas-web"),
         batch=Principal("batch_worker", "batch", ("10.0.2.5",), "saas-worker"),
         bi=Principal("bi_service", "bi", ("10.0.5.20",), "metabase"),
         backup=Principal("backup", "backup", ("10.0.9.5",), "pg_dump"),
         dba=Principal("dba", "dba", ("10.0.40.2",), "psql"),
-        analysts=analysts, support=support,
+        analysts=analysts,
+        support=support,
     )
 
 
@@ -326,24 +454,26 @@ def _table_sizes(
 ) -> tuple[dict[str, int], ...]:
     """Row counts of every table at the start of each day (plus one day past the end)."""
     account_totals = np.concatenate([[0], np.cumsum(accounts)])
-    searches = 21_000 * n0
+    searches = 2500 * n0
     daily_counts = 700 * n0
     invoices = 22 * n0
     sizes = []
     for day in range(days + 1):
         n = active[day]
-        sizes.append({
-            CLIENTS: n,
-            ACCOUNTS: int(account_totals[n]),
-            SEARCH_EVENTS: searches,
-            DAILY_COUNTS: daily_counts,
-            INVOICES: invoices,
-            API_KEYS: round(n * 1.4),
-            FEATURE_FLAGS: 118,
-            COUNTRIES: 249,
-            SCHEMA_MIGRATIONS: 412,
-            APP_SETTINGS: 37,
-        })
+        sizes.append(
+            {
+                CLIENTS: n,
+                ACCOUNTS: int(account_totals[n]),
+                SEARCH_EVENTS: searches,
+                DAILY_COUNTS: daily_counts,
+                INVOICES: invoices,
+                API_KEYS: round(n * 1.4),
+                FEATURE_FLAGS: 118,
+                COUNTRIES: 249,
+                SCHEMA_MIGRATIONS: 412,
+                APP_SETTINGS: 37,
+            }
+        )
         if day < days:
             searches += search_growth[day]
             daily_counts += inserted[day]
@@ -352,12 +482,14 @@ def _table_sizes(
     return tuple(sizes)
 
 
-def app_intensity(hours: np.ndarray, *, weekend: bool) -> np.ndarray:
+def app_intensity(hours: npt.NDArray[np.float64], *, weekend: bool) -> npt.NDArray[np.float64]:
     """Relative web-application traffic by hour of day (UTC): a European working-day peak,
     a smaller American evening peak and a quiet night. Weekends are flatter."""
-    def bump(centre: float, width: float) -> np.ndarray:
+
+    def bump(centre: float, width: float) -> npt.NDArray[np.float64]:
         distance = np.minimum(np.abs(hours - centre), 24 - np.abs(hours - centre))
-        return np.exp(-0.5 * (distance / width) ** 2)
+        result: npt.NDArray[np.float64] = np.exp(-0.5 * (distance / width) ** 2)
+        return result
 
     if weekend:
         return 0.2 + 0.45 * bump(14.0, 4.0) + 0.25 * bump(19.5, 3.0)

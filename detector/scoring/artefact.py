@@ -57,8 +57,11 @@ def versions(model_dir: Path) -> list[str]:
     """Version names under ``model_dir``, oldest first."""
     if not model_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p.name) for p in model_dir.iterdir()
-             if p.is_dir() and (m := _VERSION_RE.match(p.name))]
+    found = [
+        (int(m.group(1)), p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and (m := _VERSION_RE.match(p.name))
+    ]
     return [name for _, name in sorted(found)]
 
 
@@ -68,8 +71,9 @@ def next_version(model_dir: Path) -> str:
     return f"v{last + 1}"
 
 
-def write_version(model_dir: Path, forest: Forest, metadata: dict[str, Any],
-                  state_writer: Any) -> Path:
+def write_version(
+    model_dir: Path, forest: Forest, metadata: dict[str, Any], state_writer: Any
+) -> Path:
     """Write a new version directory atomically (built aside, then renamed into place)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(model_dir)
@@ -99,8 +103,10 @@ def verify(version_dir: Path) -> None:
         if expected is None or not path.is_file():
             raise ModelError(f"{path} is missing or not listed in {SUMS}")
         if sha256(path) != expected:
-            raise ModelError(f"checksum mismatch for {path}: the artefact is corrupt or was "
-                             "modified; retrain or restore it")
+            raise ModelError(
+                f"checksum mismatch for {path}: the artefact is corrupt or was "
+                "modified; retrain or restore it"
+            )
 
 
 def resolve(ref: str | Path) -> Path:
@@ -116,13 +122,16 @@ def resolve(ref: str | Path) -> Path:
     pick = pick or "current"
     if _VERSION_RE.match(pick):
         if not (path / pick).is_dir():
-            raise ModelError(f"{path} has no version {pick}; versions: "
-                             f"{', '.join(versions(path)) or 'none'}")
+            raise ModelError(
+                f"{path} has no version {pick}; versions: {', '.join(versions(path)) or 'none'}"
+            )
         return path / pick
     alias = path / pick
     if not alias.is_file():
-        raise ModelError(f"{path} has no alias {pick!r}; versions: "
-                         f"{', '.join(versions(path)) or 'none'} (promote one first)")
+        raise ModelError(
+            f"{path} has no alias {pick!r}; versions: "
+            f"{', '.join(versions(path)) or 'none'} (promote one first)"
+        )
     version = alias.read_text().strip()
     if not _VERSION_RE.match(version) or not (path / version).is_dir():
         raise ModelError(f"alias {alias} names {version!r}, which is not a version here")
@@ -148,8 +157,10 @@ def promote(model_dir: Path, version: str, alias: str = "current") -> Path:
         raise ModelError(f"bad alias name {alias!r}")
     target = model_dir / version
     if not _VERSION_RE.match(version) or not target.is_dir():
-        raise ModelError(f"{model_dir} has no version {version!r}; versions: "
-                         f"{', '.join(versions(model_dir)) or 'none'}")
+        raise ModelError(
+            f"{model_dir} has no version {version!r}; versions: "
+            f"{', '.join(versions(model_dir)) or 'none'}"
+        )
     verify(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{alias}-", dir=model_dir)
     with os.fdopen(fd, "w") as fh:

@@ -32,8 +32,9 @@ def feature_stats(X: np.ndarray, names: tuple[str, ...] | list[str]) -> dict[str
     return stats
 
 
-def contributions(row: Mapping[str, Any], stats: Mapping[str, Mapping[str, float]]
-                  ) -> list[tuple[str, float]]:
+def contributions(
+    row: Mapping[str, Any], stats: Mapping[str, Mapping[str, float]]
+) -> list[tuple[str, float]]:
     """(feature, contribution) pairs, largest first, above MIN_CONTRIBUTION."""
     out = []
     for name, st in stats.items():
@@ -66,15 +67,20 @@ def _table(row: Mapping[str, Any]) -> str:
     return ", ".join(tables[:3]) if tables else "a table"
 
 
-def describe(name: str, row: Mapping[str, Any]) -> tuple[str, float | str | None, float | str | None]:
+def describe(
+    name: str, row: Mapping[str, Any]
+) -> tuple[str, float | str | None, float | str | None]:
     """(text, actual, typical) for one feature of one event row."""
     user = row.get("db_user")
     q = name.removesuffix("_excess")
     typ = row.get(f"{q}_typical")
     if q == "rows":
         actual, typical = row.get("row_count"), _back(typ)
-        return (f"{_n(actual or 0)} rows of {_table(row)}; typical for {user}: {_n(typical)}",
-                actual, typical)
+        return (
+            f"{_n(actual or 0)} rows of {_table(row)}; typical for {user}: {_n(typical)}",
+            actual,
+            typical,
+        )
     counters = {
         "sensitive_rows_1h": "rows read from sensitive tables in the last hour",
         "sensitive_rows_24h": "rows read from sensitive tables in the last 24 h",
@@ -89,11 +95,16 @@ def describe(name: str, row: Mapping[str, Any]) -> tuple[str, float | str | None
         return f"{_n(actual)} {counters[q]}; typical for {user}: {_n(typical)}", actual, typical
     if q == "table_coverage":
         actual = float(row.get("coverage_ratio") or 0.0)
-        typical = 10 ** float(typ) if typ is not None and not math.isnan(typ) else 0.0
+        typical = ((10 ** float(typ) - 1) / 1e4 if typ is not None and not math.isnan(typ)
+                   else 0.0)
         size = row.get("table_rows")
         size_txt = f" ({_n(size)} rows)" if size and not math.isnan(size) else ""
-        return (f"read {actual:.0%} of {_table(row)}{size_txt} within hours; typical for {user}: "
-                f"{typical:.1%}", actual, typical)
+        return (
+            f"read {actual:.0%} of {_table(row)}{size_txt} within hours; typical for {user}: "
+            f"{typical:.1%}",
+            actual,
+            typical,
+        )
     flags = {
         "aggregate_all_tenants": "aggregate over all tenants",
         "bulk_sensitive_read": f"read {_table(row)} without a tenant filter",
@@ -127,8 +138,15 @@ def explain(row: Mapping[str, Any], stats: Mapping[str, Mapping[str, float]]) ->
     items = []
     for name, z in top:
         text, actual, typical = describe(name, row)
-        items.append({"feature": name, "contribution": round(z, 2), "actual": _plain(actual),
-                      "typical": _plain(typical), "text": text})
+        items.append(
+            {
+                "feature": name,
+                "contribution": round(z, 2),
+                "actual": _plain(actual),
+                "typical": _plain(typical),
+                "text": text,
+            }
+        )
     reason = "; ".join(i["text"] for i in items) if items else "unusual combination of features"
     return {"reason": reason, "top_features": items}
 

@@ -52,8 +52,10 @@ class Forest:
     def save(self, path: Path) -> None:
         with path.open("wb") as fh:
             np.savez_compressed(
-                fh, **{name: getattr(self, name) for name in ARRAYS},
-                denominator=np.array(self.denominator), n_features=np.array(self.n_features),
+                fh,
+                **{name: getattr(self, name) for name in ARRAYS},
+                denominator=np.array(self.denominator),
+                n_features=np.array(self.n_features),
                 depth=np.array(self.depth),
             )
 
@@ -78,12 +80,16 @@ class Forest:
         node = np.arange(n)
         leaf = self.child == node
         ok = (
-            same and n > 0 and self.roots.ndim == 1 and self.roots.size > 0
+            same
+            and n > 0
+            and self.roots.ndim == 1
+            and self.roots.size > 0
             and bool(np.all((self.roots >= 0) & (self.roots < n)))
             and bool(np.all((self.child[~leaf] > node[~leaf]) & (self.child[~leaf] + 1 < n)))
             and bool(np.all((self.feature >= 0) & (self.feature < self.n_features)))
             and bool(np.all(np.isposinf(self.threshold[leaf])))
-            and 0 < self.depth <= 64 and self.denominator > 0
+            and 0 < self.depth <= 64
+            and self.denominator > 0
         )
         if not ok:
             raise ModelError("forest arrays are inconsistent (corrupt or tampered artefact)")
@@ -96,8 +102,9 @@ class Forest:
         is ``t`` rounded down to the nearest float32.
         """
         t32 = self.threshold.astype(np.float32)
-        t32 = np.where(t32.astype(np.float64) > self.threshold,
-                       np.nextafter(t32, np.float32(-np.inf)), t32).astype(np.float32)
+        t32 = np.where(
+            t32.astype(np.float64) > self.threshold, np.nextafter(t32, np.float32(-np.inf)), t32
+        ).astype(np.float32)
         return self.child.astype(np.int32), self.feature.astype(np.int32), t32
 
     @property
@@ -105,13 +112,38 @@ class Forest:
         return int(self.roots.shape[0])
 
 
-def fit_forest(X: np.ndarray, *, n_trees: int = 100, max_samples: int = 256,
-               seed: int = 0) -> tuple[Forest, IsolationForest]:
+def fit_forest(
+    X: np.ndarray, *, n_trees: int = 100, max_samples: int = 256, seed: int = 0
+) -> tuple[Forest, IsolationForest]:
     """Fit scikit-learn's IsolationForest on X and flatten it."""
-    model = IsolationForest(n_estimators=n_trees, max_samples=min(max_samples, X.shape[0]),
-                            random_state=seed, n_jobs=1)
+    model = IsolationForest(
+        n_estimators=n_trees, max_samples=min(max_samples, X.shape[0]), random_state=seed, n_jobs=1
+    )
     model.fit(np.asarray(X, dtype=np.float32))
     return flatten(model), model
+
+
+def pad_quiet_dimensions(X: np.ndarray, plausible: np.ndarray, *, share: float = 0.002,
+                         seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """Give the forest a chance to split on features that never varied in training.
+
+    An isolation tree can only split on a feature whose values differ in its sample; a signal
+    that history never showed (a new address after warm-up, a burst of failed logins) would be
+    ignored however extreme it is at scoring time. For each feature whose 99.9th percentile
+    equals its median, ``share`` of the rows are appended as copies of random real rows with
+    only that feature raised to its ``plausible`` value. Returns the padded matrix and the
+    indices of the padded features.
+    """
+    rng = np.random.default_rng(seed)
+    quiet = [j for j in range(X.shape[1])
+             if np.quantile(X[:, j], 0.999) <= np.median(X[:, j]) and plausible[j] > 0]
+    n = max(1, int(share * X.shape[0]))
+    extra = []
+    for j in quiet:
+        rows = X[rng.integers(0, X.shape[0], size=n)].copy()
+        rows[:, j] = plausible[j]
+        extra.append(rows)
+    return (np.vstack([X, *extra]) if extra else X), quiet
 
 
 def flatten(model: IsolationForest) -> Forest:
@@ -120,14 +152,18 @@ def flatten(model: IsolationForest) -> Forest:
     subsample = int(model._max_features) != n_features  # noqa: SLF001 - mirrors sklearn
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS[1:]}
     roots, offset, max_depth = [], 0, 1
-    for tree, feats, depth, avg in zip(model.estimators_, model.estimators_features_,
-                                       model._decision_path_lengths,  # noqa: SLF001
-                                       model._average_path_length_per_tree,  # noqa: SLF001
-                                       strict=True):
+    for tree, feats, depth, avg in zip(
+        model.estimators_,
+        model.estimators_features_,
+        model._decision_path_lengths,  # noqa: SLF001
+        model._average_path_length_per_tree,  # noqa: SLF001
+        strict=True,
+    ):
         t = tree.tree_
         feature = t.feature.astype(np.int64)
         if subsample:
-            feature = np.where(feature >= 0, np.asarray(feats, dtype=np.int64)[feature], 0)
+            mapped = np.asarray(feats, dtype=np.int64)[np.maximum(feature, 0)]
+            feature = np.where(feature >= 0, mapped, 0)
         order = _breadth_first(t.children_left, t.children_right)
         new_id = np.empty(t.node_count, dtype=np.int64)
         new_id[order] = np.arange(t.node_count) + offset
@@ -140,9 +176,13 @@ def flatten(model: IsolationForest) -> Forest:
         offset += t.node_count
         max_depth = max(max_depth, int(np.max(depth)))
     denominator = len(model.estimators_) * _average_path_length(int(model.max_samples_))
-    return Forest(np.asarray(roots, dtype=np.int64),
-                  **{k: np.concatenate(v) for k, v in parts.items()},
-                  depth=max_depth, denominator=float(denominator), n_features=n_features)
+    return Forest(
+        np.asarray(roots, dtype=np.int64),
+        **{k: np.concatenate(v) for k, v in parts.items()},
+        depth=max_depth,
+        denominator=float(denominator),
+        n_features=n_features,
+    )
 
 
 def _breadth_first(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -172,8 +212,15 @@ _BLOCK: Final = 32
 
 
 @njit(cache=True, nogil=True)
-def _depths(X: np.ndarray, roots: np.ndarray, child: np.ndarray, feature: np.ndarray,
-            threshold: np.ndarray, value: np.ndarray, depth: int) -> np.ndarray:  # pragma: no cover
+def _depths(
+    X: np.ndarray,
+    roots: np.ndarray,
+    child: np.ndarray,
+    feature: np.ndarray,
+    threshold: np.ndarray,
+    value: np.ndarray,
+    depth: int,
+) -> np.ndarray:  # pragma: no cover
     """Summed path lengths, tree by tree as scikit-learn sums them.
 
     Every tree is walked a fixed ``depth`` steps with no data-dependent branch (a leaf is
@@ -191,13 +238,15 @@ def _depths(X: np.ndarray, roots: np.ndarray, child: np.ndarray, feature: np.nda
             for _ in range(depth):
                 for k in range(m):
                     node = nodes[k]
-                    nodes[k] = child[node] + np.int32(X[start + k, feature[node]]
-                                                      > threshold[node])
+                    nodes[k] = child[node] + np.int32(X[start + k, feature[node]] > threshold[node])
             for k in range(m):
                 depths[start + k] += value[nodes[k]]
     return depths
 
 
 def describe(forest: Forest) -> dict[str, Any]:
-    return {"trees": forest.n_trees, "nodes": int(forest.child.shape[0]),
-            "features": forest.n_features}
+    return {
+        "trees": forest.n_trees,
+        "nodes": int(forest.child.shape[0]),
+        "features": forest.n_features,
+    }

@@ -28,8 +28,14 @@ class Calibration:
         return asdict(self)
 
 
-def calibrate(scores: np.ndarray, incidents_at: Callable[[float], int], *, days: float,
-              budget_per_day: float, max_candidates: int = 20_000) -> Calibration:
+def calibrate(
+    scores: np.ndarray,
+    incidents_at: Callable[[float], int],
+    *,
+    days: float,
+    budget_per_day: float,
+    max_candidates: int = 20_000,
+) -> Calibration:
     """Lowest threshold among the top held-back scores whose incident count fits the budget.
 
     ``incidents_at(t)`` counts incidents formed by held-back events scoring >= t.
