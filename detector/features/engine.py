@@ -30,7 +30,7 @@ from detector.features.settings import FeatureSettings
 from detector.features.sqlshape import KIND_CODES, ShapeCache, row_fingerprint_expr, stable_hash
 from detector.schema import ACTIONS, empty_events
 
-ENGINE_VERSION: Final = 3
+ENGINE_VERSION: Final = 5
 
 #: Columns of the model's input, in order. Every one is >= 0 and 0 means "as usual".
 MODEL_FEATURES: Final = (
@@ -67,6 +67,14 @@ CONTEXT_COLUMNS: Final = (
 
 #: The typical value assumed for a principal with no history of a quantity.
 _NO_HISTORY: Final = np.zeros(K.NB)
+
+#: Growth that is still usual: up to 1.5x a count's previous high is no excess (a growing
+#: customer base grows every habitual job); habits (0/1 shares) get no allowance.
+GROWTH: Final = 1.5
+_ALLOWANCE: Final = np.array(
+    [float(np.log10(GROWTH)) if q == "table_coverage" else float(np.log(GROWTH))
+     for q in K.QUANTITIES[: K.NC]] + [0.0] * (K.NB - K.NC)
+)
 
 _CODE: Final = {a: i for i, a in enumerate(ACTIONS)}
 _OFFSET_RE: Final = r"(?i)\boffset\s+([0-9]+)"
@@ -306,7 +314,7 @@ class FeatureEngine:
         values = out[:, 0 : 2 * K.NB : 2]
         typical = out[:, 1 : 2 * K.NB : 2]
         typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
-        excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none, nan=0.0))
+        excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
         model = np.column_stack(
             [
                 excess,

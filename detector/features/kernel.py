@@ -8,7 +8,8 @@ when the table is rebuilt cannot change any result: cutting one stream into diff
 yields the same features.
 
 Counters are exponentially decayed (value * exp(-dt / tau)); a principal's past is kept two ways: for counts and volumes, the previous
-high (the maximum over its last 14 active days of closed one-hour windows); for habits (aggregating over all tenants, bulk
+high (the maximum over its last 35 active days of closed one-hour windows, so monthly jobs
+stay known); for habits (aggregating over all tenants, bulk
 reads, COPY, new addresses and clients), the decayed share of its events that did it.
 """
 
@@ -71,7 +72,7 @@ NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest a
 # --- per-principal state columns ------------------------------------------------------------
 S_LAST_T, S_SEEN, S_RATE, S_SENS1H, S_SENS24H, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 3, 4, 5, 6, 7
 S_BASE_W, S_WIN_START, S_FIRST_T = 8, 9, 10
-HIGH_DAYS: Final = 14  # the previous high is the maximum over this many active days
+HIGH_DAYS: Final = 35  # the previous high spans this many active days (monthly jobs too)
 S_LAST_DAY, S_SLOT = 11, 12  # day number of the current ring slot (-1: none yet), its index
 S_HIGH0: Final = 13  # HIGH_DAYS x NC daily highs (closed windows only), a ring of active days
 S_WHIGH0: Final = S_HIGH0 + HIGH_DAYS * NC  # NC highs within the current window

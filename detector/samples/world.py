@@ -417,7 +417,9 @@ def build_world(*, seed: int, start: date, days: int, events_per_day: int) -> Wo
     )
     inserted = tuple(round(active[d] * rng.uniform(0.9, 0.96)) for d in range(days))
     sizes = _table_sizes(start, days, n0, active, accounts, search_growth, inserted)
-    analysts, support = _principals(rng)
+    # The staff directory (who works from which address with which tool) is the company's, not
+    # the sample's: every seed simulates other days of the same people.
+    analysts, support = _principals(py_rng(0, "staff"))
     return World(
         seed=seed,
         start=start,

@@ -123,7 +123,7 @@ def fit_forest(
     return flatten(model), model
 
 
-def pad_quiet_dimensions(X: np.ndarray, plausible: np.ndarray, *, share: float = 0.002,
+def pad_quiet_dimensions(X: np.ndarray, plausible: np.ndarray, *, share: float = 0.01,
                          seed: int = 0) -> tuple[np.ndarray, list[int]]:
     """Give the forest a chance to split on features that never varied in training.
 
