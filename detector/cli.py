@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from datetime import date
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -87,7 +87,7 @@ def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
 
 
 # ------------------------------------------------------------------------------------ samples
-class Compression(str, Enum):
+class Compression(StrEnum):
     none = "none"
     gzip = "gzip"
     zstd = "zstd"
@@ -204,7 +204,8 @@ def train(
                 ),
                 (
                     "replay",
-                    f"{report.seconds['replay']:.1f} s ({_rate(report.events, report.seconds['replay'])})",
+                    f"{report.seconds['replay']:.1f} s "
+                    f"({_rate(report.events, report.seconds['replay'])})",
                 ),
                 ("fit", f"{report.seconds['fit']:.1f} s"),
             ],
@@ -405,7 +406,9 @@ def models_promote(
 def main() -> None:
     """Console entry point: errors print one line and exit 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ExfilwatchError as exc:
         console.print(f"[red]error:[/] {exc}")
         sys.exit(2)

@@ -72,7 +72,7 @@ class TrainOptions:
     batch_rows: int = 100_000
     exclude_labels: Path | None = None
     promote: bool = False
-    settings: FeatureSettings = field(default_factory=FeatureSettings)
+    settings: FeatureSettings = field(default_factory=lambda: FeatureSettings())
 
 
 @dataclass
@@ -193,7 +193,8 @@ def train(
     t_replay = time.perf_counter() - t_start
 
     t0, t1 = feats["event_time"].min(), feats["event_time"].max()
-    assert isinstance(t0, datetime) and isinstance(t1, datetime)
+    if not isinstance(t0, datetime) or not isinstance(t1, datetime):
+        raise InputError("no event times to train on")
     warm_end = t0 + timedelta(hours=opts.warmup_hours)
     span = (t1 - warm_end).total_seconds()
     if span < 2 * 3600:
@@ -363,9 +364,12 @@ def score(
     first = next(batches, None)
     ended = state_end(art)
     first_time = first["event_time"].min() if first is not None else None
+    if first_time is not None and not isinstance(first_time, datetime):
+        raise InputError("event_time is not a timestamp")
     continued = first_time is None or ended is None or first_time >= ended - timedelta(minutes=5)
     scorer = Scorer(art, continue_state=continued)
-    warm_until = None if continued else first_time + timedelta(hours=warmup_hours)
+    warm_until = (None if continued or first_time is None
+                  else first_time + timedelta(hours=warmup_hours))
     prog.start("scoring", total_rows(paths))
     kept = []
     if first is not None:

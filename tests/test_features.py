@@ -129,7 +129,7 @@ def run(rows: list[dict[str, object]]) -> pl.DataFrame:
 
 
 def test_habitual_work_has_no_excess_and_a_dump_from_a_new_address_has() -> None:
-    base = history()
+    base = history(6)  # a first day of novelty weighs 1/6 of the habit
     dump = {"event_time": T0 + timedelta(days=3, hours=10), "db_user": "support_1",
             "client_ip": "203.0.113.9", "client_app": "dbeaver", "objects": ["public.accounts"],
             "rows_returned": 50_000, "statement_text": "SELECT * FROM public.accounts"}

@@ -484,7 +484,7 @@ def test_unknown_extension_lists_supported_ones(tmp_path: Path) -> None:
 
 
 def test_nothing_matched(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="missing.jsonl"):
+    with pytest.raises(InputError, match=r"missing.jsonl"):
         expand_paths(tmp_path / "missing.jsonl")
     with pytest.raises(InputError, match="no supported files"):
         expand_paths(touch(tmp_path / "d" / "x.txt").parent)
@@ -518,7 +518,7 @@ def test_unreadable_file_is_one_input_error_naming_it(
 def test_permission_denied(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", [json_line(canonical_rows(1)[0])])
     path.chmod(0)
-    with pytest.raises(InputError, match="a.jsonl"):
+    with pytest.raises(InputError, match=r"a.jsonl"):
         list(read_events(path))
 
 

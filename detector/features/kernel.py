@@ -7,7 +7,8 @@ treats an entry older than its expiry exactly like an absent one, so dropping ex
 when the table is rebuilt cannot change any result: cutting one stream into different batches
 yields the same features.
 
-Counters are exponentially decayed (value * exp(-dt / tau)); a principal's past is kept two ways: for counts and volumes, the previous
+Counters are exponentially decayed (value * exp(-dt / tau)); a principal's past is kept two
+ways: for counts and volumes, the previous
 high (the maximum over its last 35 active days of closed one-hour windows, so monthly jobs
 stay known); for habits (aggregating over all tenants, bulk
 reads, COPY, new addresses and clients), the decayed share of its events that did it.
@@ -132,8 +133,8 @@ def _find(keys: np.ndarray, key: np.int64) -> int:  # pragma: no cover - compile
     i = key & mask
     while True:
         k = keys[i]
-        if k == key or k == EMPTY:
-            return i
+        if k == key or k == EMPTY:  # noqa: SIM109 - the form numba compiles to two compares
+            return int(i)
         i = (i + 1) & mask
 
 

@@ -191,7 +191,7 @@ def analyse(norm: str, fingerprint: int, settings: FeatureSettings) -> Shape:
     )
 
 
-def _kind(tree: exp.Expression) -> str:
+def _kind(tree: exp.Expr) -> str:
     if isinstance(tree, exp.Copy):
         return "copy_from" if tree.args.get("kind") else "copy_to"
     if isinstance(tree, exp.Select | exp.Union | exp.Intersect | exp.Except):
@@ -212,7 +212,7 @@ def _kind(tree: exp.Expression) -> str:
     return "other"
 
 
-def _tables(tree: exp.Expression) -> tuple[str, ...]:
+def _tables(tree: exp.Expr) -> tuple[str, ...]:
     names: list[str] = []
     for table in tree.find_all(exp.Table):
         if not table.name:
@@ -223,7 +223,7 @@ def _tables(tree: exp.Expression) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _mentions_tenant(node: exp.Expression, keys: set[str], tenant_table: bool) -> bool:
+def _mentions_tenant(node: exp.Expr, keys: set[str], tenant_table: bool) -> bool:
     for column in node.find_all(exp.Column):
         name = column.name.lower()
         if name in keys or (tenant_table and name == "id"):

@@ -49,12 +49,13 @@ def count(anomalies: pl.DataFrame, gap_s: float = DEFAULT_GAP_S) -> int:
     """Number of incidents the given anomalous events form."""
     if anomalies.height == 0:
         return 0
-    return int(
+    last = (
         segment(
             anomalies.select("event_time", "action", "client_ip", "session_id", "db_user"), gap_s
         )["incident_seq"].max()
         or 0
     )
+    return int(last) if isinstance(last, int | float) else 0
 
 
 def build(

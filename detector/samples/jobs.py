@@ -188,7 +188,8 @@ def billing_run(log: EventLog, world: World, day: int) -> HeavyWindow:
     s.run(
         Query(
             "INSERT INTO public.invoices (client_id, period, amount_cents, currency, status, "
-            f"created_at) SELECT c.id, '{period}', sum(d.searches) * 2 + 4900, 'EUR', 'draft', now() "
+            f"created_at) SELECT c.id, '{period}', sum(d.searches) * 2 + 4900, 'EUR', 'draft', "
+            "now() "
             "FROM public.clients c JOIN public.client_daily_search_counts d ON d.client_id = c.id "
             f"WHERE d.day BETWEEN '{first}' AND '{last}' GROUP BY c.id, c.plan",
             [INVOICES, CLIENTS, DAILY_COUNTS],

@@ -96,7 +96,11 @@ def verify(version_dir: Path) -> None:
         lines = sums_path.read_text().splitlines()
     except OSError as exc:
         raise ModelError(f"no checksums in {version_dir}: {exc}") from exc
-    listed = dict(reversed(line.split("  ", 1)) for line in lines if "  " in line)
+    listed: dict[str, str] = {}
+    for line in lines:
+        digest, sep, name = line.partition("  ")
+        if sep:
+            listed[name] = digest
     for name in FILES:
         expected = listed.get(name)
         path = version_dir / name

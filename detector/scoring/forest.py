@@ -149,14 +149,14 @@ def pad_quiet_dimensions(X: np.ndarray, plausible: np.ndarray, *, share: float =
 def flatten(model: IsolationForest) -> Forest:
     """The trees of a fitted IsolationForest as one set of flat, breadth-first arrays."""
     n_features = int(model.n_features_in_)
-    subsample = int(model._max_features) != n_features  # noqa: SLF001 - mirrors sklearn
+    subsample = int(model._max_features) != n_features
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS[1:]}
     roots, offset, max_depth = [], 0, 1
     for tree, feats, depth, avg in zip(
         model.estimators_,
         model.estimators_features_,
-        model._decision_path_lengths,  # noqa: SLF001
-        model._average_path_length_per_tree,  # noqa: SLF001
+        model._decision_path_lengths,
+        model._average_path_length_per_tree,
         strict=True,
     ):
         t = tree.tree_

@@ -55,10 +55,8 @@ def calibrate(
                 lo = mid
             else:
                 hi = mid
-    if lo >= 0:
-        value = float(top[lo])
-    else:  # even the single highest score alone is over budget: alert above every score seen
-        value = float(np.nextafter(top[0], np.inf))
+    # when even the single highest score is over budget, alert above every score seen
+    value = float(top[lo]) if lo >= 0 else float(np.nextafter(top[0], np.inf))
     if lo >= 0 and lo + 1 < len(top):  # sit between the last fitting score and the next one
         value = float((top[lo] + top[lo + 1]) / 2)
     count = incidents_at(value)
