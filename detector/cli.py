@@ -6,7 +6,7 @@ import sys
 from datetime import date
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import typer
@@ -93,6 +93,10 @@ class Compression(StrEnum):
     zstd = "zstd"
 
 
+_COMPRESSION: dict[Compression, Literal["gzip", "zstd"] | None] = {
+    Compression.none: None, Compression.gzip: "gzip", Compression.zstd: "zstd"}
+
+
 @samples_app.command("generate")
 def samples_generate(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the sample to.")],
@@ -124,9 +128,7 @@ def samples_generate(
         start=date.fromisoformat(start),
         events_per_day=events_per_day,
         attack_days=attack_days,
-        jsonl_compression=None
-        if jsonl_compression is Compression.none
-        else jsonl_compression.value,
+        jsonl_compression=_COMPRESSION[jsonl_compression],
         progress=step,
     )
     bar.finish()

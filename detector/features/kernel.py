@@ -7,11 +7,11 @@ treats an entry older than its expiry exactly like an absent one, so dropping ex
 when the table is rebuilt cannot change any result: cutting one stream into different batches
 yields the same features.
 
-Counters are exponentially decayed (value * exp(-dt / tau)); a principal's past is kept two
-ways: for counts and volumes, the previous
-high (the maximum over its last 35 active days of closed one-hour windows, so monthly jobs
-stay known); for habits (aggregating over all tenants, bulk
-reads, COPY, new addresses and clients), the decayed share of its events that did it.
+Counters are exponentially decayed (value * exp(-dt / tau)). A principal's past is kept two
+ways: for counts and volumes, the previous high (the maximum over its last 35 active days of
+closed one-hour windows, so monthly jobs stay known); for habits (aggregating over all
+tenants, bulk reads, COPY, new addresses and clients), the decayed share of its events that
+did it.
 """
 
 from __future__ import annotations
