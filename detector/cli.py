@@ -94,7 +94,10 @@ class Compression(StrEnum):
 
 
 _COMPRESSION: dict[Compression, Literal["gzip", "zstd"] | None] = {
-    Compression.none: None, Compression.gzip: "gzip", Compression.zstd: "zstd"}
+    Compression.none: None,
+    Compression.gzip: "gzip",
+    Compression.zstd: "zstd",
+}
 
 
 @samples_app.command("generate")
@@ -140,8 +143,10 @@ def samples_generate(
                 ("days", days),
                 ("events", f"{summary.events:,}"),
                 ("scenarios", summary.scenarios),
-                *((p.name, f"{p.stat().st_size / 1e6:.1f} MB")
-          for p in (summary.parquet, summary.jsonl, summary.labels)),
+                *(
+                    (p.name, f"{p.stat().st_size / 1e6:.1f} MB")
+                    for p in (summary.parquet, summary.jsonl, summary.labels)
+                ),
             ],
         )
     )
@@ -419,10 +424,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        from click.exceptions import ClickException
-
-        if isinstance(exc, ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # usage errors (unknown option, bad value) know how to show themselves
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise

@@ -368,8 +368,9 @@ def score(
         raise InputError("event_time is not a timestamp")
     continued = first_time is None or ended is None or first_time >= ended - timedelta(minutes=5)
     scorer = Scorer(art, continue_state=continued)
-    warm_until = (None if continued or first_time is None
-                  else first_time + timedelta(hours=warmup_hours))
+    warm_until = (
+        None if continued or first_time is None else first_time + timedelta(hours=warmup_hours)
+    )
     prog.start("scoring", total_rows(paths))
     kept = []
     if first is not None:

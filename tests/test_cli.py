@@ -100,3 +100,9 @@ def test_score_on_training_window_warms_up_fresh(tmp_path: Path) -> None:
     assert all(i["first_seen"] >= warm_end for i in incidents)
     attacked = {a for s in labels["scenarios"] for a in s["addresses"]}
     assert any(set(i["addresses"]) & attacked for i in incidents)
+
+
+def test_usage_error_exits_2_without_traceback() -> None:
+    run = exfilwatch("score", "--bogus")
+    assert run.returncode == 2
+    assert "No such option" in run.stderr and "Traceback" not in run.stderr

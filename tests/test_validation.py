@@ -196,7 +196,8 @@ def test_zoned_timestamp_text_becomes_utc(text: str, expected: dt.datetime) -> N
 
 
 @pytest.mark.parametrize(
-    "text", ["yesterday", "2024-02-30T00:00:00Z", "2024-03-01T25:00:00Z", "2024-03-01", "1709294400"]
+    "text",
+    ["yesterday", "2024-02-30T00:00:00Z", "2024-03-01T25:00:00Z", "2024-03-01", "1709294400"],
 )
 def test_bad_timestamp(text: str) -> None:
     assert only_reason(loose(row(event_time=text), row())) == "bad_timestamp"

@@ -72,8 +72,11 @@ _NO_HISTORY: Final = np.zeros(K.NB)
 #: customer base grows every habitual job); habits (0/1 shares) get no allowance.
 GROWTH: Final = 1.5
 _ALLOWANCE: Final = np.array(
-    [float(np.log10(GROWTH)) if q == "table_coverage" else float(np.log(GROWTH))
-     for q in K.QUANTITIES[: K.NC]] + [0.0] * (K.NB - K.NC)
+    [
+        float(np.log10(GROWTH)) if q == "table_coverage" else float(np.log(GROWTH))
+        for q in K.QUANTITIES[: K.NC]
+    ]
+    + [0.0] * (K.NB - K.NC)
 )
 
 _CODE: Final = {a: i for i, a in enumerate(ACTIONS)}

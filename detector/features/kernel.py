@@ -66,8 +66,22 @@ QUANTITIES: Final = (
     "new_client_app",  # 0/1: client app first seen for this principal within the last day
 )
 NB: Final = len(QUANTITIES)
-(Q_ROWS, Q_SENS1H, Q_SENS24H, Q_TEN, Q_TAB, Q_RATE, Q_FP, Q_COV, Q_OFF, Q_AGG, Q_BULK, Q_COPY,
- Q_NADDR, Q_NAPP) = range(NB)
+(
+    Q_ROWS,
+    Q_SENS1H,
+    Q_SENS24H,
+    Q_TEN,
+    Q_TAB,
+    Q_RATE,
+    Q_FP,
+    Q_COV,
+    Q_OFF,
+    Q_AGG,
+    Q_BULK,
+    Q_COPY,
+    Q_NADDR,
+    Q_NAPP,
+) = range(NB)
 NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest are habits
 
 # --- per-principal state columns ------------------------------------------------------------

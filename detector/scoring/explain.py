@@ -95,8 +95,7 @@ def describe(
         return f"{_n(actual)} {counters[q]}; typical for {user}: {_n(typical)}", actual, typical
     if q == "table_coverage":
         actual = float(row.get("coverage_ratio") or 0.0)
-        typical = ((10 ** float(typ) - 1) / 1e4 if typ is not None and not math.isnan(typ)
-                   else 0.0)
+        typical = (10 ** float(typ) - 1) / 1e4 if typ is not None and not math.isnan(typ) else 0.0
         size = row.get("table_rows")
         size_txt = f" ({_n(size)} rows)" if size and not math.isnan(size) else ""
         return (

@@ -123,8 +123,9 @@ def fit_forest(
     return flatten(model), model
 
 
-def pad_quiet_dimensions(X: np.ndarray, plausible: np.ndarray, *, share: float = 0.01,
-                         seed: int = 0) -> tuple[np.ndarray, list[int]]:
+def pad_quiet_dimensions(
+    X: np.ndarray, plausible: np.ndarray, *, share: float = 0.01, seed: int = 0
+) -> tuple[np.ndarray, list[int]]:
     """Give the forest a chance to split on features that never varied in training.
 
     An isolation tree can only split on a feature whose values differ in its sample; a signal
@@ -135,8 +136,11 @@ def pad_quiet_dimensions(X: np.ndarray, plausible: np.ndarray, *, share: float =
     indices of the padded features.
     """
     rng = np.random.default_rng(seed)
-    quiet = [j for j in range(X.shape[1])
-             if np.quantile(X[:, j], 0.999) <= np.median(X[:, j]) and plausible[j] > 0]
+    quiet = [
+        j
+        for j in range(X.shape[1])
+        if np.quantile(X[:, j], 0.999) <= np.median(X[:, j]) and plausible[j] > 0
+    ]
     n = max(1, int(share * X.shape[0]))
     extra = []
     for j in quiet:

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import glob
 import gzip
+import os
 import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +68,12 @@ MAX_LINE_BYTES: Final = 16 * 1024 * 1024
 _MIN_BLOCK: Final = 64 * 1024
 _MAX_BLOCK: Final = 64 * 1024 * 1024
 _FIRST_BLOCK: Final = 1024 * 1024
-_ARROW_BLOCK: Final = 4 * 1024 * 1024
+_SPAN_BYTES: Final = 4 * 1024 * 1024
+_JSON_SPACE: Final = frozenset(b" \t\r\n")
 _RUN_LINES: Final = 1024
 _RAW_CHARS: Final = 64 * 1024
 _SPOOL_BYTES: Final = 64 * 1024 * 1024
+_THREADS: Final = 4
 _BOM: Final = b"\xef\xbb\xbf"
 _READ_ERRORS: Final = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
@@ -123,14 +127,16 @@ def read_events(
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     check_zone(default_tz)
-    context = _Context(batch_rows, quarantine or NullQuarantine(), default_tz)
-    for path in expand_paths(paths):
-        try:
-            yield from _read_file(path, context)
-        except InputError as exc:
-            if on_error == "raise":
-                raise
-            context.reject(str(path), "unreadable_file", str(exc), None)
+    files = expand_paths(paths)
+    with ThreadPoolExecutor(max_workers=min(_THREADS, os.cpu_count() or 1)) as pool:
+        context = _Context(batch_rows, quarantine or NullQuarantine(), default_tz, pool)
+        for path in files:
+            try:
+                yield from _read_file(path, context)
+            except InputError as exc:
+                if on_error == "raise":
+                    raise
+                context.reject(str(path), "unreadable_file", str(exc), None)
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -200,6 +206,7 @@ class _Context:
     batch_rows: int
     sink: Quarantine
     default_tz: str | None
+    pool: ThreadPoolExecutor
 
     def reject(self, location: str, reason: str, detail: str, record: str | None) -> None:
         """Quarantine one record (``record`` is JSON text or None)."""
@@ -374,7 +381,7 @@ class _LineReader:
                 else:
                     self._kept, size = filled, max(size, filled)
                 continue
-            count = _count_lines(self._buffer, cut)
+            count = _count_lines(self._buffer, 0, cut)
             yield _Lines(self._buffer, cut, self._line, count)
             if at_end:
                 return
@@ -425,44 +432,103 @@ class _LineReader:
                 return
 
 
-def _count_lines(buffer: bytearray, end: int) -> int:
-    """Lines in ``buffer[:end]``, counting a last line without a newline."""
-    newlines = int(np.count_nonzero(np.frombuffer(buffer, dtype=np.uint8, count=end) == 10))
-    return newlines + (buffer[end - 1] != ord("\n"))
+def _count_lines(buffer: bytearray, start: int, end: int) -> int:
+    """Lines in ``buffer[start:end]``, counting a last line without a newline."""
+    if end <= start:
+        return 0
+    window = np.frombuffer(buffer, dtype=np.uint8, count=end - start, offset=start)
+    return int(np.count_nonzero(window == 10)) + (buffer[end - 1] != ord("\n"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """``count`` lines at ``data[start:end]`` of a run, the first numbered ``first``."""
+
+    start: int
+    end: int
+    first: int
+    count: int
+
+
+def _spans(piece: _Lines) -> list[_Span]:
+    """Cut a run at line ends into spans of about _SPAN_BYTES (one line may make a span
+    longer), each decoded on its own so a bad line costs only its span the fast path."""
+    spans: list[_Span] = []
+    start, first = 0, piece.first
+    while start < piece.end:
+        stop = min(start + _SPAN_BYTES, piece.end)
+        if stop < piece.end:
+            newline = piece.data.rfind(b"\n", start, stop)
+            if newline < 0:
+                newline = piece.data.find(b"\n", stop, piece.end)
+            stop = newline + 1 if newline >= 0 else piece.end
+        count = _count_lines(piece.data, start, stop)
+        spans.append(_Span(start, stop, first, count))
+        start, first = stop, first + count
+    return spans
 
 
 def _decode_lines(piece: _Lines, where: str, context: _Context) -> pl.DataFrame:
-    """Good rows of a run of lines; rejects go to the quarantine."""
-    buffer = pa.py_buffer(piece.data).slice(0, piece.end)
-    table = _arrow_json(buffer, threads=True)
-    if table is not None:
-        numbers = _line_numbers(piece, table.num_rows)
-        if numbers is not None:
-            return context.validated(_frame(table, numbers), f"{where}:", empty_rejects())
-    lines = bytes(piece.data[: piece.end]).split(b"\n")
-    if piece.data[piece.end - 1] == ord("\n"):
-        lines.pop()
-    goods = [
-        _decode_run(lines[start : start + _RUN_LINES], piece.first + start, where, context)
-        for start in range(0, len(lines), _RUN_LINES)
-    ]
+    """Good rows of a run of lines, in order; rejects go to the quarantine.
+
+    Spans are decoded strictly in parallel; consecutive clean spans are validated together,
+    and a span that fails is decoded carefully on its own.
+    """
+    spans = _spans(piece)
+    buffer = pa.py_buffer(piece.data)
+    tables = context.pool.map(lambda s: _arrow_json(buffer.slice(s.start, s.end - s.start)), spans)
+    goods: list[pl.DataFrame] = []
+    clean: list[tuple[pa.Table, pl.Series]] = []
+    for span, table in zip(spans, tables, strict=True):
+        numbers = None if table is None else _line_numbers(piece.data, span, table.num_rows)
+        if table is not None and numbers is not None:
+            clean.append((table, numbers))
+            continue
+        goods.append(_validated_tables(clean, where, context))
+        clean = []
+        goods.append(_decode_carefully(piece.data, span, where, context))
+    goods.append(_validated_tables(clean, where, context))
     return pl.concat(goods)
 
 
-def _line_numbers(piece: _Lines, rows: int) -> pl.Series | None:
+def _validated_tables(
+    clean: list[tuple[pa.Table, pl.Series]], where: str, context: _Context
+) -> pl.DataFrame:
+    if not clean:
+        return schema.empty_events()
+    tables = [table for table, _ in clean]
+    numbers = pl.concat([n for _, n in clean])
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException:  # extra keys typed differently in two spans
+        return pl.concat([_validated_tables([part], where, context) for part in clean])
+    return context.validated(_frame(table, numbers), f"{where}:", empty_rejects())
+
+
+def _line_numbers(data: bytearray, span: _Span, rows: int) -> pl.Series | None:
     """The line number of each decoded row, or None if rows and lines cannot be matched."""
-    if rows == piece.count:
-        return pl.int_range(piece.first, piece.first + rows, eager=True)
-    lines = bytes(piece.data[: piece.end]).split(b"\n")[: piece.count]
-    numbers = [piece.first + i for i, line in enumerate(lines) if line.strip()]
+    if rows == span.count:
+        return pl.int_range(span.first, span.first + rows, eager=True)
+    lines = bytes(data[span.start : span.end]).split(b"\n")[: span.count]
+    numbers = [span.first + i for i, line in enumerate(lines) if line.strip()]
     return pl.Series(numbers, dtype=pl.Int64) if len(numbers) == rows else None
+
+
+def _decode_carefully(data: bytearray, span: _Span, where: str, context: _Context) -> pl.DataFrame:
+    """Decode a span in runs of _RUN_LINES lines, and a run that fails line by line."""
+    lines = bytes(data[span.start : span.end]).split(b"\n")[: span.count]
+    goods = [
+        _decode_run(lines[start : start + _RUN_LINES], span.first + start, where, context)
+        for start in range(0, len(lines), _RUN_LINES)
+    ]
+    return pl.concat(goods)
 
 
 def _decode_run(lines: list[bytes], first: int, where: str, context: _Context) -> pl.DataFrame:
     numbered = [(first + i, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
         return schema.empty_events()
-    table = _arrow_json(pa.py_buffer(b"\n".join(line for _, line in numbered)), threads=False)
+    table = _arrow_json(pa.py_buffer(b"\n".join(line for _, line in numbered)))
     if table is not None and table.num_rows == len(numbered):
         numbers = pl.Series([number for number, _ in numbered], dtype=pl.Int64)
         return context.validated(_frame(table, numbers), f"{where}:", empty_rejects())
@@ -470,15 +536,27 @@ def _decode_run(lines: list[bytes], first: int, where: str, context: _Context) -
     return context.validated(frame, f"{where}:", rejects)
 
 
-def _arrow_json(buffer: pa.Buffer, *, threads: bool) -> pa.Table | None:
-    """The strict decode of a run of lines, or None if any line breaks it."""
-    block = max(_ARROW_BLOCK, buffer.size // 8) if threads else buffer.size + 1
-    options = pj.ReadOptions(use_threads=threads, block_size=block)
+def _arrow_json(buffer: pa.Buffer) -> pa.Table | None:
+    """The strict decode of some lines as one block, or None if any line breaks it.
+
+    Text whose first value is not an object never reaches the Arrow reader (a top-level
+    ``null`` there crashes some versions of it).
+    """
+    if not _starts_with_object(buffer):
+        return None
+    options = pj.ReadOptions(use_threads=False, block_size=buffer.size + 1)
     try:
         table = pj.read_json(pa.BufferReader(buffer), read_options=options, parse_options=_PARSE)
     except pa.ArrowException:
         return None
     return table if _extra_is_flat(table) else None
+
+
+def _starts_with_object(buffer: pa.Buffer) -> bool:
+    for byte in memoryview(buffer):
+        if byte not in _JSON_SPACE:
+            return bool(byte == ord("{"))
+    return False
 
 
 def _extra_is_flat(table: pa.Table) -> bool:
