@@ -355,3 +355,15 @@ def test_output_equals_input_for_canonical_frames() -> None:
     good, rejects = validate(canonical.with_columns(_loc=pl.lit("x")))
     assert rejects.height == 0
     assert_frame_equal(good, canonical)
+
+
+def test_typed_numbers_out_of_bounds() -> None:
+    frame = loose(row(), row(), row(), row()).with_columns(
+        rows_returned=pl.Series([5, -1, schema.MAX_ROWS + 1, None], dtype=pl.Int64),
+        duration_ms=pl.Series([1.0, 2.0, 3.0, float("nan")]),
+    )
+    good, rejects = validate(frame)
+    assert good["rows_returned"].to_list() == [5]
+    assert rejects["reason"].to_list() == ["negative_value", "absurd_value", "bad_type"]
+    unsigned = loose(row()).with_columns(rows_returned=pl.Series([2**64 - 1], dtype=pl.UInt64))
+    assert only_reason(unsigned) == "absurd_value"
