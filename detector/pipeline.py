@@ -317,7 +317,7 @@ class Scorer:
     def score(self, events: pl.DataFrame) -> pl.DataFrame:
         """Feature rows of ``events`` with ``anomaly_score`` (higher = more anomalous)."""
         feats = self.engine.transform(events)
-        scores = self.forest.score(feats.select(MODEL_FEATURES).to_numpy())
+        scores = self.forest.score(self.engine.model_matrix_)
         return feats.with_columns(anomaly_score=pl.Series(scores))
 
     def explain(self, row: Any) -> dict[str, Any]:

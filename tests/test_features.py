@@ -186,3 +186,9 @@ def test_state_refuses_another_feature_spec(tmp_path: Path) -> None:
     other = FeatureEngine(FeatureSettings(baseline_days=3))
     with pytest.raises(ModelError, match="another feature spec"):
         other.load_state(tmp_path)
+
+
+def test_model_matrix_is_the_frames_model_columns() -> None:
+    engine = FeatureEngine()
+    feats = engine.transform(make_events(history(2)))
+    assert np.array_equal(engine.model_matrix_, feats.select(MODEL_FEATURES).to_numpy())

@@ -34,7 +34,7 @@ def test_compiled_scores_equal_sklearn(data: np.ndarray, trees: int, max_feature
     model = IsolationForest(n_estimators=trees, max_features=max_features, random_state=seed)
     model.fit(data.astype(np.float32))
     forest = flatten(model)
-    probe = np.vstack([data, data * 1.5 + 1, np.zeros((3, data.shape[1]))])
+    probe = np.vstack([data, data * 1.5 + 1, np.zeros((3, data.shape[1])), data[:0]])
     assert np.array_equal(forest.score(probe), sklearn_anomaly_score(model, probe))
 
 
@@ -134,3 +134,11 @@ def test_scores_frame_is_independent_of_batch_size() -> None:
     parts = np.concatenate([forest.score(X[i:i + 50]) for i in range(0, 777, 50)])
     assert np.array_equal(whole, parts)
     assert pl.Series(whole).is_finite().all()
+
+
+def test_large_batches_split_across_threads_score_exactly_like_sklearn() -> None:
+    rng = np.random.default_rng(7)
+    forest, model = fit_forest(rng.normal(size=(3000, 6)), n_trees=25)
+    X = rng.normal(size=(45_001, 6)) * 2  # above the row count that splits work over threads
+    X[::3] = 0.0  # all-zero rows take the shared-score path
+    assert np.array_equal(forest.score(X), sklearn_anomaly_score(model, X))

@@ -142,6 +142,8 @@ class FeatureEngine:
         self.size_ = 0
         self.events_seen_ = 0
         self.last_event_time_: float | None = None
+        #: The model features of the last transformed batch as one float matrix (n x F).
+        self.model_matrix_ = np.empty((0, len(MODEL_FEATURES)))
 
     # ------------------------------------------------------------------ transform
     def transform(self, events: pl.DataFrame) -> pl.DataFrame:
@@ -331,6 +333,7 @@ class FeatureEngine:
         context = events.select(
             *CONTEXT_COLUMNS, row_count=pl.coalesce("rows_returned", "rows_affected")
         ).with_columns(tables=tables)
+        self.model_matrix_ = model
         feats = pl.DataFrame(
             {name: out[:, i] for i, name in enumerate(K.OUT_COLUMNS)}
             | {name: model[:, i] for i, name in enumerate(MODEL_FEATURES)},
