@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,7 +27,7 @@ from detector.errors import ModelError
 from detector.features import kernel as K
 from detector.features.settings import FeatureSettings
 from detector.features.sqlshape import KIND_CODES, ShapeCache, row_fingerprint_expr, stable_hash
-from detector.schema import ACTIONS, empty_events
+from detector.schema import ACTIONS
 
 ENGINE_VERSION: Final = 5
 
@@ -402,9 +401,3 @@ class FeatureEngine:
         return K.rebuild(
             self.keys_, self.kinds_, self.ta_, self.va_, self.expiry, now, self.keys_.shape[0]
         )
-
-
-def transform_all(engine: FeatureEngine, batches: Iterable[pl.DataFrame]) -> pl.DataFrame:
-    """Run every batch through ``engine`` and concatenate the feature rows."""
-    frames = [engine.transform(b) for b in batches]
-    return pl.concat(frames) if frames else engine.transform(empty_events())

@@ -64,7 +64,6 @@ class Shape:
 
 
 SHAPE_COLUMNS: Final = tuple(f.name for f in fields(Shape))
-NO_SHAPE: Final = Shape(0, 0, False, (), False, False, False, False, False, False, False)
 
 
 def row_fingerprint_expr(column: str = "statement_text") -> pl.Expr:

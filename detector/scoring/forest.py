@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 from numba import njit
@@ -277,11 +277,3 @@ def _depths(
             for k in range(m):
                 depths[start + k] += value[nodes[k]]
     return depths
-
-
-def describe(forest: Forest) -> dict[str, Any]:
-    return {
-        "trees": forest.n_trees,
-        "nodes": int(forest.child.shape[0]),
-        "features": forest.n_features,
-    }

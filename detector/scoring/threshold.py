@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-SEVERITIES = ("low", "medium", "high", "critical")
-
 
 @dataclass(frozen=True)
 class Calibration:

@@ -1,0 +1,26 @@
+"""The scoring stage end to end with the package's own test doubles."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from detector.pipeline import Scorer
+from detector.scoring import artefact as store
+from detector.sources.files import read_events
+from detector.testing import CollectingSink, ListSource
+from tests.conftest import ROOT, SAMPLE
+
+
+def test_micro_batches_score_like_one_batch() -> None:
+    events = next(read_events([SAMPLE / "events.parquet"], batch_rows=3000))
+    art = store.load(ROOT / "models" / "default")
+    whole = Scorer(art).score(events)["anomaly_score"].to_numpy()
+    scorer, sink = Scorer(art), CollectingSink()
+    for batch in ListSource(events.iter_slices(n_rows=137)).batches():
+        sink.write_batch(scorer.score(batch).select("db_user", "anomaly_score"))
+    sink.close()
+    parts = pl.concat(sink.batches)
+    assert sink.closed and parts.height == events.height
+    np.testing.assert_allclose(parts["anomaly_score"].to_numpy(), whole, rtol=0, atol=1e-12)
+    assert parts["db_user"].to_list() == events["db_user"].to_list()
