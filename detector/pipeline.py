@@ -316,9 +316,20 @@ class Scorer:
 
     def score(self, events: pl.DataFrame) -> pl.DataFrame:
         """Feature rows of ``events`` with ``anomaly_score`` (higher = more anomalous)."""
-        feats = self.engine.transform(events)
-        scores = self.forest.score(self.engine.model_matrix_)
-        return feats.with_columns(anomaly_score=pl.Series(scores))
+        batch = self.engine.update(events)
+        scores = self.forest.score(batch.model)
+        return self.engine.frame(batch).with_columns(anomaly_score=pl.Series(scores))
+
+    def anomalies(self, events: pl.DataFrame, since: datetime | None = None) -> pl.DataFrame:
+        """Feature rows, with ``anomaly_score``, of the events at or above the threshold (and at
+        or after ``since``); the state advances over every event."""
+        batch = self.engine.update(events)
+        scores = self.forest.score(batch.model)
+        hit = scores >= self.threshold
+        if since is not None and events.height:
+            hit &= (events["event_time"] >= since).to_numpy()
+        return self.engine.frame(batch, hit).with_columns(
+            anomaly_score=pl.Series(scores[hit], dtype=pl.Float64))
 
     def explain(self, row: Any) -> dict[str, Any]:
         return explain(row, self.stats)
@@ -396,17 +407,9 @@ def score(
     )
 
 
-def _score_batch(
-    scorer: Scorer,
-    batch: pl.DataFrame,
-    warm_until: datetime | None,
-    on_anomalies: Callable[[pl.DataFrame], None] | None,
-) -> pl.DataFrame:
-    scored = scorer.score(batch)
-    hit = pl.col("anomaly_score") >= scorer.threshold
-    if warm_until is not None:
-        hit = hit & (pl.col("event_time") >= warm_until)
-    anomalies = scored.filter(hit)
+def _score_batch(scorer: Scorer, batch: pl.DataFrame, warm_until: datetime | None,
+                 on_anomalies: Callable[[pl.DataFrame], None] | None) -> pl.DataFrame:
+    anomalies = scorer.anomalies(batch, warm_until)
     if on_anomalies is not None and anomalies.height:
         on_anomalies(anomalies)
     return anomalies

@@ -24,3 +24,17 @@ def test_micro_batches_score_like_one_batch() -> None:
     assert sink.closed and parts.height == events.height
     np.testing.assert_allclose(parts["anomaly_score"].to_numpy(), whole, rtol=0, atol=1e-12)
     assert parts["db_user"].to_list() == events["db_user"].to_list()
+
+
+def test_anomalies_are_exactly_the_scored_rows_over_the_threshold() -> None:
+    events = pl.concat(list(read_events([SAMPLE / "events.parquet"], batch_rows=50_000)))
+    events = events.filter(pl.col("event_time") >= pl.col("event_time").max()
+                           - pl.duration(days=2))  # the attack days
+    art = store.load(ROOT / "models" / "default")
+    full = Scorer(art, continue_state=False).score(events)
+    scorer = Scorer(art, continue_state=False)
+    hits = scorer.anomalies(events)
+    expected = full.filter(pl.col("anomaly_score") >= scorer.threshold)
+    assert hits.height == expected.height > 0
+    assert hits.columns == expected.columns
+    assert hits.drop("tables").equals(expected.drop("tables"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -120,6 +121,28 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+@dataclass(frozen=True)
+class FeatureBatch:
+    """One batch's features before they become a frame: the events, the kernel's outputs
+    (n x len(OUT_COLUMNS)), the model matrix (n x len(MODEL_FEATURES)) and the tables touched."""
+
+    events: pl.DataFrame
+    out: np.ndarray
+    model: np.ndarray
+    tables: pl.Series
+
+
+def _model_matrix(out: np.ndarray) -> np.ndarray:
+    """Model features from kernel outputs: each quantity's excess over the principal's past
+    (beyond the growth allowance), then the novelty and failure columns."""
+    values = out[:, 0 : 2 * K.NB : 2]
+    typical = out[:, 1 : 2 * K.NB : 2]
+    typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
+    excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
+    return np.column_stack([excess, out[:, K.O_OFF_HOURS], out[:, K.O_FAIL_ADDR],
+                            out[:, K.O_FAIL_PRINCIPAL], out[:, K.O_NEW_PRINCIPAL]])
+
+
 class FeatureEngine:
     """Stateful, incremental feature computation. ``transform`` is the one verb."""
 
@@ -147,11 +170,18 @@ class FeatureEngine:
     # ------------------------------------------------------------------ transform
     def transform(self, events: pl.DataFrame) -> pl.DataFrame:
         """Feature rows for ``events`` (canonical schema), in the same order; updates state."""
+        return self.frame(self.update(events))
+
+    def update(self, events: pl.DataFrame) -> FeatureBatch:
+        """Advance the state over ``events`` and compute their features, without building the
+        feature frame (see :meth:`frame`): a scorer materialises only the rows it keeps."""
         n = events.height
         if n == 0:
-            return self._frame(events, np.empty((0, K.N_OUT)))
+            return FeatureBatch(events, np.empty((0, K.N_OUT)),
+                                np.empty((0, len(MODEL_FEATURES))),
+                                pl.Series("tables", [], pl.List(pl.String)))
         prep = self._prepare(events)
-        cols = {c: prep[c].to_numpy() for c in prep.columns}
+        cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
         pidx = self._principal_index(events["db_user"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
             cols["t"],
@@ -185,7 +215,9 @@ class FeatureEngine:
         self.last_event_time_ = (
             batch_max if self.last_event_time_ is None else max(self.last_event_time_, batch_max)
         )
-        return self._frame(events, out, prep)
+        batch = FeatureBatch(events, out, _model_matrix(out), prep["tables"])
+        self.model_matrix_ = batch.model
+        return batch
 
     def _prepare(self, events: pl.DataFrame) -> pl.DataFrame:
         reading = pl.col("action").is_in(["read", "copy"])
@@ -312,27 +344,17 @@ class FeatureEngine:
         return np.ascontiguousarray(idx.to_numpy())
 
     # ------------------------------------------------------------------ output
-    def _frame(
-        self, events: pl.DataFrame, out: np.ndarray, prep: pl.DataFrame | None = None
-    ) -> pl.DataFrame:
-        values = out[:, 0 : 2 * K.NB : 2]
-        typical = out[:, 1 : 2 * K.NB : 2]
-        typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
-        excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
-        model = np.column_stack(
-            [
-                excess,
-                out[:, K.O_OFF_HOURS],
-                out[:, K.O_FAIL_ADDR],
-                out[:, K.O_FAIL_PRINCIPAL],
-                out[:, K.O_NEW_PRINCIPAL],
-            ]
-        )
-        tables = prep["tables"] if prep is not None else pl.Series("tables", [], pl.List(pl.String))
+    def frame(self, batch: FeatureBatch, mask: np.ndarray | None = None) -> pl.DataFrame:
+        """The feature frame of a batch: context columns, every output, the model features;
+        only the rows where ``mask`` is true when one is given."""
+        events, out, model, tables = batch.events, batch.out, batch.model, batch.tables
+        if mask is not None:
+            keep = pl.Series(mask)
+            events, out, model, tables = events.filter(keep), out[mask], model[mask], tables.filter(
+                keep)
         context = events.select(
             *CONTEXT_COLUMNS, row_count=pl.coalesce("rows_returned", "rows_affected")
         ).with_columns(tables=tables)
-        self.model_matrix_ = model
         feats = pl.DataFrame(
             {name: out[:, i] for i, name in enumerate(K.OUT_COLUMNS)}
             | {name: model[:, i] for i, name in enumerate(MODEL_FEATURES)},
