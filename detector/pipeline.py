@@ -329,7 +329,8 @@ class Scorer:
         if since is not None and events.height:
             hit &= (events["event_time"] >= since).to_numpy()
         return self.engine.frame(batch, hit).with_columns(
-            anomaly_score=pl.Series(scores[hit], dtype=pl.Float64))
+            anomaly_score=pl.Series(scores[hit], dtype=pl.Float64)
+        )
 
     def explain(self, row: Any) -> dict[str, Any]:
         return explain(row, self.stats)
@@ -407,8 +408,12 @@ def score(
     )
 
 
-def _score_batch(scorer: Scorer, batch: pl.DataFrame, warm_until: datetime | None,
-                 on_anomalies: Callable[[pl.DataFrame], None] | None) -> pl.DataFrame:
+def _score_batch(
+    scorer: Scorer,
+    batch: pl.DataFrame,
+    warm_until: datetime | None,
+    on_anomalies: Callable[[pl.DataFrame], None] | None,
+) -> pl.DataFrame:
     anomalies = scorer.anomalies(batch, warm_until)
     if on_anomalies is not None and anomalies.height:
         on_anomalies(anomalies)

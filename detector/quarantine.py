@@ -5,7 +5,8 @@ Guarantees:
 
 * ``record`` never holds an unredacted SQL literal from ``statement_text``: an object record has
   its ``statement_text`` passed through :func:`detector.redact.redact_sql` (again, if the caller
-  already did), and text that is not JSON is redacted as a whole before it is stored.
+  already did), and a record that is text (a line that was not JSON) goes through
+  :func:`redact_text`, which redacts each JSON string in it on its own.
 * ``record`` is at most :data:`MAX_RECORD_BYTES` of JSON; a longer one is stored as the first
   ``MAX_RECORD_BYTES`` of its text (redacted first) with ``"truncated": true`` on the line.
 * The file is opened lazily in append mode (parents created) on the first record, and each
@@ -17,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -140,12 +142,42 @@ def _record_from_json(text: str | None) -> _Record:
     if isinstance(value, dict) and isinstance(value.get("statement_text"), str):
         value["statement_text"] = redact_sql(value["statement_text"])
     elif isinstance(value, str):
-        value = redact_sql(value)
+        value = redact_text(value)
     return _fit(orjson.dumps(value))
 
 
 def _record_from_text(text: str) -> _Record:
-    return _fit(orjson.dumps(redact_sql(text)))
+    return _fit(orjson.dumps(redact_text(text)))
+
+
+_JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"|"(?:[^"\\]|\\.)*\\?$')
+
+
+def redact_text(text: str) -> str:
+    """Redact raw text that may be broken JSON: :func:`redact_sql` is applied to each JSON
+    string in it (unescaped first) and to each stretch between them, one at a time, so a quote
+    in one field can never pair with a quote in another and leave a literal between them bare.
+    """
+    parts: list[str] = []
+    done = 0
+    for match in _JSON_STRING.finditer(text):
+        parts.append(redact_sql(text[done : match.start()]))
+        parts.append(orjson.dumps(redact_sql(_unquote(match.group()))).decode())
+        done = match.end()
+    parts.append(redact_sql(text[done:]))
+    return "".join(parts)
+
+
+def _unquote(token: str) -> str:
+    """The text of a JSON string token, which may lack its closing quote."""
+    for candidate in (token, token + '"', token[:-1] + '"'):
+        try:
+            value = orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(value, str):
+            return value
+    return token[1:].replace("\\u0027", "'")
 
 
 def _fit(encoded: bytes) -> _Record:

@@ -89,14 +89,13 @@ _BOUNDS: Final[dict[str, tuple[float, str]]] = {
 }
 
 _DATE: Final = r"(?P<date>\d{4}-\d{2}-\d{2})[T ]"
-_TIME: Final = r"(?P<hm>\d{2}:\d{2})(?P<sec>:\d{2})?(?:[.,](?P<frac>\d{1,9}))?"
+_TIME: Final = r"(?P<hm>\d{2}:\d{2})(?::(?P<sec>\d{2})(?:[.,](?P<frac>\d{1,9}))?)?"
 _ZONE: Final = r"(?P<zone>[Zz]|(?P<sign>[+-])(?P<oh>[01]\d|2[0-3])(?::?(?P<om>[0-5]\d))?)"
 #: The timestamp text accepted; the zone is optional here (naive values are judged apart).
 TIMESTAMP_PATTERN: Final = f"^{_DATE}{_TIME}{_ZONE}?$"
 _ZONED_PATTERN: Final = f"^{_DATE}{_TIME}{_ZONE}$"
 
 _UTC: Final = pl.Datetime("us", "UTC")
-_PAIR: Final = pl.Struct({"key": pl.String, "value": pl.String})
 
 #: Why event_time failed (the ``__et_why`` codes) -> (reason, what the detail says).
 _TIME_FAILURES: Final[dict[str, tuple[str, str]]] = {
@@ -173,7 +172,9 @@ def check_zone(name: str | None) -> None:
 def _rules(df: pl.DataFrame, default_tz: str | None) -> dict[str, _Rule]:
     rules: dict[str, _Rule] = {}
     for col in schema.COLUMNS:
-        if col in df.columns:
+        if col in df.columns and col not in schema.REQUIRED and _all_null(df.get_column(col)):
+            rules[col] = _Rule(pl.lit(None))  # nothing to check: every value is unknown
+        elif col in df.columns:
             rules[col] = _builder(col)(col, df.get_column(col), default_tz)
         elif col in schema.REQUIRED:
             problem = _Problem(pl.lit(True), "missing_field", _msg(col, "missing"))
@@ -207,9 +208,12 @@ def _record_json(work: pl.DataFrame) -> pl.Expr:
     for col in schema.COLUMNS:
         if col not in work.columns:
             continue
-        if col != "statement_text":
+        dtype = work.schema[col]
+        if _has_binary(dtype):  # not JSON-encodable and not text: keep only that it was there
+            fields.append(pl.when(pl.col(col).is_not_null()).then(pl.lit(f"<{dtype}>")).alias(col))
+        elif col != "statement_text":
             fields.append(pl.col(col))
-        elif _is_scalar(work.schema[col]):
+        elif _is_scalar(dtype):
             fields.append(redact_expr(pl.col(col).cast(pl.String)).alias(col))
     if not fields:
         return pl.lit("{}")
@@ -243,6 +247,16 @@ def _is_scalar(dtype: pl.DataType) -> bool:
     return dtype.is_numeric() or dtype in (pl.String(), pl.Boolean())
 
 
+def _has_binary(dtype: pl.DataType) -> bool:
+    if dtype in (pl.Binary(), pl.Object()):
+        return True
+    if isinstance(dtype, pl.List | pl.Array):
+        return _has_binary(_instance(dtype.inner))
+    if isinstance(dtype, pl.Struct):
+        return any(_has_binary(_instance(f.dtype)) for f in dtype.fields)
+    return False
+
+
 def _bad_dtype(col: str, dtype: pl.DataType, expected: str) -> _Rule:
     """Every non-null value of a column of an unusable type is ``bad_type``."""
     detail = _msg(col, f"expected {expected}, got {dtype}")
@@ -251,6 +265,18 @@ def _bad_dtype(col: str, dtype: pl.DataType, expected: str) -> _Rule:
 
 def _blank(value: pl.Expr) -> pl.Expr:
     return value.is_null() | ~value.str.contains(r"\S")
+
+
+def _all_null(s: pl.Series) -> bool:
+    return s.null_count() == s.len()
+
+
+def _within(s: pl.Series, limit: float) -> bool:
+    """Whether every non-null number of ``s`` is in ``[0, limit]`` (one cheap pass each)."""
+    low, high = s.min(), s.max()
+    if low is None or high is None:
+        return True
+    return bool(float(low) >= 0 and float(high) <= limit)  # type: ignore[arg-type]
 
 
 def _none(n: int, dtype: pl.DataType) -> pl.Series:
@@ -375,7 +401,7 @@ def _from_text(s: pl.Series, default_tz: str | None) -> tuple[pl.Series, pl.Seri
 
 def _wall_time() -> pl.Expr:
     text = pl.concat_str(
-        [pl.col("date"), pl.lit("T"), pl.col("hm"), pl.col("sec").fill_null(":00")]
+        [pl.col("date"), pl.lit("T"), pl.col("hm"), pl.lit(":"), pl.col("sec").fill_null("00")]
     )
     whole = text.str.strptime(pl.Datetime("us"), "%Y-%m-%dT%H:%M:%S", strict=False)
     frac = pl.col("frac").str.slice(0, 6).str.pad_end(6, "0").cast(pl.Int64).fill_null(0)
@@ -435,6 +461,8 @@ def _int_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
     source, dtype = pl.col(col), s.dtype
     if dtype == pl.Null():
         return _Rule(source.cast(pl.Int64))
+    if dtype == pl.Int64() and _within(s, _BOUNDS[col][0]):
+        return _Rule(source)
     if dtype.is_integer():
         value = source.cast(pl.Int64, strict=False)
         big = _Problem(
@@ -443,8 +471,9 @@ def _int_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
             _fmt(col, "does not fit in 64 bits", source),
         )
         return _Rule(value, (big, *_bounds(col, value)))
-    if dtype.is_float():
-        whole = pl.when(source.is_finite() & (source == source.floor())).then(source)
+    if dtype.is_float() or dtype.is_decimal():
+        number = source.cast(pl.Float64)
+        whole = pl.when(number.is_finite() & (number == number.floor())).then(number)
         value = whole.cast(pl.Int64, strict=False)
     elif dtype == pl.String():
         value = source.str.strip_chars().cast(pl.Int64, strict=False)
@@ -460,6 +489,8 @@ def _duration_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
     source, dtype = pl.col(col), s.dtype
     if dtype == pl.Null():
         return _Rule(source.cast(pl.Float64))
+    if dtype == pl.Float64() and s.is_finite().all() and _within(s, _BOUNDS[col][0]):
+        return _Rule(source)
     if dtype.is_numeric():
         number = source.cast(pl.Float64)
     elif dtype == pl.String():

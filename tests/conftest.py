@@ -20,16 +20,25 @@ def exfilwatch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
     exe = shutil.which("exfilwatch")
     assert exe is not None, "the exfilwatch console script is not installed (pip install -e .)"
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600, check=False)
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False
+    )
 
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model's recipe, trained afresh on the bundled sample."""
     out = tmp_path_factory.mktemp("models") / "default"
-    run = exfilwatch("train", "--input", str(SAMPLE / "events.parquet"), "--out", str(out),
-                     "--exclude-labels", str(SAMPLE / "labels.json"),
-                     "--false-alerts-per-day", "0.5")
+    run = exfilwatch(
+        "train",
+        "--input",
+        str(SAMPLE / "events.parquet"),
+        "--out",
+        str(out),
+        "--exclude-labels",
+        str(SAMPLE / "labels.json"),
+        "--false-alerts-per-day",
+        "0.5",
+    )
     assert run.returncode == 0, run.stderr
     return out

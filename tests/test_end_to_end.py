@@ -18,18 +18,41 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def eval_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    run = exfilwatch("samples", "generate", "--days", "5", "--seed", "7", "--start", "2026-01-30",
-                     "--events-per-day", "20000", "--out", str(out))
+    run = exfilwatch(
+        "samples",
+        "generate",
+        "--days",
+        "5",
+        "--seed",
+        "7",
+        "--start",
+        "2026-01-30",
+        "--events-per-day",
+        "20000",
+        "--out",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr
     return out
 
 
 def test_quality_floor(trained_model: Path, eval_sample: Path, tmp_path: Path) -> None:
     report = tmp_path / "eval.json"
-    run = exfilwatch("eval", "--model", str(trained_model), "--input",
-                     str(eval_sample / "events.parquet"), "--labels",
-                     str(eval_sample / "labels.json"), "--min-recall", "1.0",
-                     "--max-false-per-day", "1.0", "--json", str(report))
+    run = exfilwatch(
+        "eval",
+        "--model",
+        str(trained_model),
+        "--input",
+        str(eval_sample / "events.parquet"),
+        "--labels",
+        str(eval_sample / "labels.json"),
+        "--min-recall",
+        "1.0",
+        "--max-false-per-day",
+        "1.0",
+        "--json",
+        str(report),
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     result = next(iter(json.loads(report.read_text()).values()))
     scenarios = {s["scenario"]: s for s in result["scenarios"]}
@@ -38,15 +61,27 @@ def test_quality_floor(trained_model: Path, eval_sample: Path, tmp_path: Path) -
     assert missed == []
     assert all(s["time_to_detect_s"] < 3600 for s in scenarios.values())
     assert result["false_per_day"] <= 1.0
-    assert result["benign_heavy"] == {"nightly_backup": 0, "billing_run": 0, "bi_refresh": 0,
-                                      "nightly_aggregation": 0}
+    assert result["benign_heavy"] == {
+        "nightly_backup": 0,
+        "billing_run": 0,
+        "bi_refresh": 0,
+        "nightly_aggregation": 0,
+    }
 
 
-def test_score_writes_explained_redacted_incidents(trained_model: Path, eval_sample: Path,
-                                                   tmp_path: Path) -> None:
+def test_score_writes_explained_redacted_incidents(
+    trained_model: Path, eval_sample: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "incidents.jsonl"
-    run = exfilwatch("score", "--model", str(trained_model), "--input",
-                     str(eval_sample / "events.jsonl"), "--out", str(out))
+    run = exfilwatch(
+        "score",
+        "--model",
+        str(trained_model),
+        "--input",
+        str(eval_sample / "events.jsonl"),
+        "--out",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr
     incidents = [json.loads(line) for line in out.read_text().splitlines()]
     assert incidents, "the attacks in the sample must raise incidents"
@@ -58,8 +93,7 @@ def test_score_writes_explained_redacted_incidents(trained_model: Path, eval_sam
     assert "new address" in mine[0]["reason"] or "new client" in mine[0]["reason"]
     for inc in incidents:
         assert inc["reason"] and inc["top_features"]
-        assert inc["anomaly_score"] > 0 and inc["severity"] in {"low", "medium", "high",
-                                                                "critical"}
+        assert inc["anomaly_score"] > 0 and inc["severity"] in {"low", "medium", "high", "critical"}
         assert inc["first_seen"] <= inc["last_seen"]
         statement = inc["statement"] or ""
         assert "'" not in statement and "@" not in statement, statement  # literals redacted

@@ -21,28 +21,39 @@ T0 = datetime(2026, 1, 5, tzinfo=UTC)
 STATEMENTS = [
     ("SELECT * FROM public.clients WHERE id = 'c{n}'", ["public.clients"], "read"),
     ("SELECT * FROM public.accounts ORDER BY id LIMIT 200 OFFSET {n}", ["public.accounts"], "read"),
-    ("SELECT client_id, count(*) FROM public.accounts GROUP BY client_id", ["public.accounts"],
-     "read"),
+    (
+        "SELECT client_id, count(*) FROM public.accounts GROUP BY client_id",
+        ["public.accounts"],
+        "read",
+    ),
     ("COPY public.clients TO stdout", ["public.clients"], "copy"),
-    ("INSERT INTO public.search_events (client_id) VALUES ({n})", ["public.search_events"],
-     "write"),
+    (
+        "INSERT INTO public.search_events (client_id) VALUES ({n})",
+        ["public.search_events"],
+        "write",
+    ),
     ("SELECT * FROM public.feature_flags", None, "read"),
     ("not sql at all ((( {n}", None, "other"),
     (None, None, "login"),
     (None, None, "login_failed"),
 ]
 
-event = st.fixed_dictionaries({
-    "gap": st.one_of(st.floats(0, 5), st.floats(0, 900), st.sampled_from([0.0, 4000.0, 90000.0,
-                                                                       40 * 86400.0])),
-    "user": st.sampled_from(["app", "bi", "ann", "bob"]),
-    "ip": st.one_of(st.none(), st.sampled_from(["10.0.0.1", "10.0.0.2", "203.0.113.9"])),
-    "app": st.one_of(st.none(), st.sampled_from(["web", "psql", "dbeaver"])),
-    "tenant": st.one_of(st.none(), st.integers(0, 3000).map(lambda n: f"c{n}")),
-    "stmt": st.integers(0, len(STATEMENTS) - 1),
-    "n": st.integers(0, 10**6),
-    "rows": st.one_of(st.none(), st.integers(0, 10**7)),
-})
+event = st.fixed_dictionaries(
+    {
+        "gap": st.one_of(
+            st.floats(0, 5),
+            st.floats(0, 900),
+            st.sampled_from([0.0, 4000.0, 90000.0, 40 * 86400.0]),
+        ),
+        "user": st.sampled_from(["app", "bi", "ann", "bob"]),
+        "ip": st.one_of(st.none(), st.sampled_from(["10.0.0.1", "10.0.0.2", "203.0.113.9"])),
+        "app": st.one_of(st.none(), st.sampled_from(["web", "psql", "dbeaver"])),
+        "tenant": st.one_of(st.none(), st.integers(0, 3000).map(lambda n: f"c{n}")),
+        "stmt": st.integers(0, len(STATEMENTS) - 1),
+        "n": st.integers(0, 10**6),
+        "rows": st.one_of(st.none(), st.integers(0, 10**7)),
+    }
+)
 
 
 def build(specs: list[dict[str, object]]) -> pl.DataFrame:
@@ -51,21 +62,29 @@ def build(specs: list[dict[str, object]]) -> pl.DataFrame:
     for s in specs:
         t += timedelta(seconds=float(s["gap"]))  # type: ignore[arg-type]
         text, objects, action = STATEMENTS[s["stmt"]]  # type: ignore[index]
-        rows.append({
-            "event_time": t, "db_user": s["user"], "client_ip": s["ip"], "client_app": s["app"],
-            "tenant_id": s["tenant"], "action": action, "objects": objects,
-            "statement_text": text.format(n=s["n"]) if text else None,
-            "rows_returned": s["rows"] if action != "write" else None,
-            "rows_affected": s["rows"] if action == "write" else None,
-        })
+        rows.append(
+            {
+                "event_time": t,
+                "db_user": s["user"],
+                "client_ip": s["ip"],
+                "client_app": s["app"],
+                "tenant_id": s["tenant"],
+                "action": action,
+                "objects": objects,
+                "statement_text": text.format(n=s["n"]) if text else None,
+                "rows_returned": s["rows"] if action != "write" else None,
+                "rows_affected": s["rows"] if action == "write" else None,
+            }
+        )
     return make_events(rows)
 
 
 COMPARED = list(dict.fromkeys([*OUT_COLUMNS, *MODEL_FEATURES]))
 
 
-def features_in_batches(events: pl.DataFrame, cuts: list[int], tmp: Path | None = None
-                        ) -> pl.DataFrame:
+def features_in_batches(
+    events: pl.DataFrame, cuts: list[int], tmp: Path | None = None
+) -> pl.DataFrame:
     engine = FeatureEngine()
     frames, start = [], 0
     for k, end in enumerate([*sorted(set(cuts)), events.height]):
@@ -85,27 +104,44 @@ def assert_same(a: pl.DataFrame, b: pl.DataFrame) -> None:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(event, min_size=1, max_size=700), st.lists(st.integers(1, 699), max_size=8))
-def test_batch_size_does_not_change_features(specs: list[dict[str, object]],
-                                             cuts: list[int]) -> None:
+def test_batch_size_does_not_change_features(
+    specs: list[dict[str, object]], cuts: list[int]
+) -> None:
     events = build(specs)
     cuts = [c for c in cuts if c < events.height]
     assert_same(features_in_batches(events, []), features_in_batches(events, cuts))
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                 HealthCheck.function_scoped_fixture])
-@given(st.lists(event, min_size=2, max_size=400), st.lists(st.integers(1, 399), min_size=1,
-                                                           max_size=4))
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(event, min_size=2, max_size=400), st.lists(st.integers(1, 399), min_size=1, max_size=4)
+)
 def test_restart_through_saved_state_does_not_change_features(
-        tmp_path: Path, specs: list[dict[str, object]], cuts: list[int]) -> None:
+    tmp_path: Path, specs: list[dict[str, object]], cuts: list[int]
+) -> None:
     events = build(specs)
     cuts = [c for c in cuts if c < events.height] or [1]
     assert_same(features_in_batches(events, []), features_in_batches(events, cuts, tmp_path))
 
 
 def test_many_pairs_force_table_rebuilds_without_changing_results() -> None:
-    specs = [{"gap": 1.0, "user": "app", "ip": f"10.0.{i % 250}.{i % 7}", "app": "web",
-              "tenant": f"c{i}", "stmt": 0, "n": i, "rows": 1} for i in range(5000)]
+    specs = [
+        {
+            "gap": 1.0,
+            "user": "app",
+            "ip": f"10.0.{i % 250}.{i % 7}",
+            "app": "web",
+            "tenant": f"c{i}",
+            "stmt": 0,
+            "n": i,
+            "rows": 1,
+        }
+        for i in range(5000)
+    ]
     events = build(specs)
     assert_same(features_in_batches(events, []), features_in_batches(events, [1, 777, 2500]))
 
@@ -115,12 +151,18 @@ def history(days: int = 3) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for d in range(days):
         for k in range(40):
-            rows.append({
-                "event_time": T0 + timedelta(days=d, hours=9, minutes=10 * k),
-                "db_user": "support_1", "client_ip": "10.0.30.1", "client_app": "console",
-                "tenant_id": f"c{k}", "objects": ["public.accounts"], "rows_returned": 25,
-                "statement_text": f"SELECT * FROM public.accounts WHERE client_id = 'c{k}'",
-            })
+            rows.append(
+                {
+                    "event_time": T0 + timedelta(days=d, hours=9, minutes=10 * k),
+                    "db_user": "support_1",
+                    "client_ip": "10.0.30.1",
+                    "client_app": "console",
+                    "tenant_id": f"c{k}",
+                    "objects": ["public.accounts"],
+                    "rows_returned": 25,
+                    "statement_text": f"SELECT * FROM public.accounts WHERE client_id = 'c{k}'",
+                }
+            )
     return rows
 
 
@@ -130,9 +172,15 @@ def run(rows: list[dict[str, object]]) -> pl.DataFrame:
 
 def test_habitual_work_has_no_excess_and_a_dump_from_a_new_address_has() -> None:
     base = history(6)  # a first day of novelty weighs 1/6 of the habit
-    dump = {"event_time": T0 + timedelta(days=3, hours=10), "db_user": "support_1",
-            "client_ip": "203.0.113.9", "client_app": "dbeaver", "objects": ["public.accounts"],
-            "rows_returned": 50_000, "statement_text": "SELECT * FROM public.accounts"}
+    dump = {
+        "event_time": T0 + timedelta(days=3, hours=10),
+        "db_user": "support_1",
+        "client_ip": "203.0.113.9",
+        "client_app": "dbeaver",
+        "objects": ["public.accounts"],
+        "rows_returned": 50_000,
+        "statement_text": "SELECT * FROM public.accounts",
+    }
     usual = {**base[-1], "event_time": T0 + timedelta(days=3, hours=10)}
     f_dump = run([*base, dump]).row(-1, named=True)
     f_usual = run([*base, usual]).row(-1, named=True)
@@ -150,30 +198,56 @@ def test_off_hours_and_cross_tenant_fanout() -> None:
     base = history()
     night = {**base[0], "event_time": T0 + timedelta(days=3, hours=2)}
     assert run([*base, night])["off_hours"][-1] > 0.9
-    assert run([*base, {**base[0], "event_time": T0 + timedelta(days=3, hours=10)}]
-               )["off_hours"][-1] < 0.1
-    fan = [{**base[0], "tenant_id": f"c{1000 + i}",
-            "event_time": T0 + timedelta(days=3, hours=10, seconds=3 * i)} for i in range(300)]
+    assert (
+        run([*base, {**base[0], "event_time": T0 + timedelta(days=3, hours=10)}])["off_hours"][-1]
+        < 0.1
+    )
+    fan = [
+        {
+            **base[0],
+            "tenant_id": f"c{1000 + i}",
+            "event_time": T0 + timedelta(days=3, hours=10, seconds=3 * i),
+        }
+        for i in range(300)
+    ]
     feats = run([*base, *fan])
     assert feats["tenants_10m_excess"][-1] > 3.0  # ~e^3 more tenants than usual in 10 minutes
 
 
 def test_failed_logins_are_counted_per_address_across_principals() -> None:
-    spray = [{"db_user": f"user_{i}", "client_ip": "192.0.2.7", "action": "login_failed",
-              "command": None} for i in range(50)]
-    feats = run([*spray, {"db_user": "user_1", "client_ip": "192.0.2.7", "action": "login",
-                          "command": None}])
+    spray = [
+        {
+            "db_user": f"user_{i}",
+            "client_ip": "192.0.2.7",
+            "action": "login_failed",
+            "command": None,
+        }
+        for i in range(50)
+    ]
+    feats = run(
+        [
+            *spray,
+            {"db_user": "user_1", "client_ip": "192.0.2.7", "action": "login", "command": None},
+        ]
+    )
     assert np.expm1(feats["failed_logins_address_1h"][-1]) == pytest.approx(50, rel=0.01)
     assert np.expm1(feats["failed_logins_principal_1h"][-1]) == pytest.approx(1, rel=0.03)
 
 
 def test_table_coverage_grows_with_pagination() -> None:
-    pages = [{"event_time": T0 + timedelta(seconds=30 * k), "db_user": "support_2",
-              "objects": ["public.accounts"], "rows_returned": 200,
-              "statement_text": f"SELECT * FROM public.accounts ORDER BY id LIMIT 200 OFFSET {200 * k}"}
-             for k in range(100)]
+    pages = [
+        {
+            "event_time": T0 + timedelta(seconds=30 * k),
+            "db_user": "support_2",
+            "objects": ["public.accounts"],
+            "rows_returned": 200,
+            "statement_text": f"SELECT * FROM public.accounts ORDER BY id LIMIT 200 OFFSET {200 * k}",
+        }
+        for k in range(100)
+    ]
     feats = FeatureEngine(FeatureSettings(table_rows={"public.accounts": 20_000})).transform(
-        make_events(pages))
+        make_events(pages)
+    )
     assert feats["coverage_ratio"][-1] > 0.8  # 20k rows in 50 min, decaying over 3 h
     assert feats["offset"][-1] == pytest.approx(np.log1p(200 * 99))
     assert feats["fingerprint_repeats_1h"][-1] > np.log1p(50)

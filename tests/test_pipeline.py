@@ -28,8 +28,9 @@ def test_micro_batches_score_like_one_batch() -> None:
 
 def test_anomalies_are_exactly_the_scored_rows_over_the_threshold() -> None:
     events = pl.concat(list(read_events([SAMPLE / "events.parquet"], batch_rows=50_000)))
-    events = events.filter(pl.col("event_time") >= pl.col("event_time").max()
-                           - pl.duration(days=2))  # the attack days
+    events = events.filter(
+        pl.col("event_time") >= pl.col("event_time").max() - pl.duration(days=2)
+    )  # the attack days
     art = store.load(ROOT / "models" / "default")
     full = Scorer(art, continue_state=False).score(events)
     scorer = Scorer(art, continue_state=False)

@@ -60,8 +60,9 @@ def test_same_seed_gives_identical_output_and_another_seed_does_not(
 
 def test_written_files_are_byte_identical_for_the_same_seed(tmp_path: Path) -> None:
     def files(out: Path) -> dict[str, bytes]:
-        summary = write_sample(out, days=1, seed=3, events_per_day=1000, attack_days=1,
-                               jsonl_compression="zstd")
+        summary = write_sample(
+            out, days=1, seed=3, events_per_day=1000, attack_days=1, jsonl_compression="zstd"
+        )
         assert summary.events > 0
         assert summary.scenarios == len(SCENARIO_NAMES)
         assert sum(summary.per_principal.values()) == summary.events
@@ -151,16 +152,20 @@ def test_scenario_sessions_occur_with_their_principals_and_addresses(sample: Sam
         assert times.max() == _ts(scenario["end"])
         inside = frame.filter(
             pl.col("event_time").is_between(_ts(scenario["start"]), _ts(scenario["end"])),
-            pl.col("session_id").is_in(scenario["sessions"]))
+            pl.col("session_id").is_in(scenario["sessions"]),
+        )
         assert inside.height == scenario["events"]
 
 
 def test_only_labelled_events_come_from_attacker_addresses(sample: Sample) -> None:
     frame, labels = sample
     labelled = {s for scenario in labels["scenarios"] for s in scenario["sessions"]}
-    from_doc_nets = frame.filter(pl.col("client_ip").map_elements(
-        lambda ip: any(ipaddress.ip_address(ip) in net for net in DOC_NETS),
-        return_dtype=pl.Boolean))
+    from_doc_nets = frame.filter(
+        pl.col("client_ip").map_elements(
+            lambda ip: any(ipaddress.ip_address(ip) in net for net in DOC_NETS),
+            return_dtype=pl.Boolean,
+        )
+    )
     assert from_doc_nets.height > 150
     assert set(from_doc_nets["session_id"]) <= labelled
 
@@ -200,7 +205,8 @@ def test_scenarios_have_the_shapes_described(weekday_sample: Sample) -> None:
     assert copies.height == 2
     assert copies["command"].unique().to_list() == ["COPY"]
     night = events("off_hours_insider").filter(
-        pl.col("statement_text").str.contains("client_id IN \\("))
+        pl.col("statement_text").str.contains("client_id IN \\(")
+    )
     assert 20 <= night.height <= 40
     assert night["rows_returned"].is_between(500, 3000).all()
     assert night["event_time"].dt.hour().is_between(1, 3).all()
@@ -208,8 +214,12 @@ def test_scenarios_have_the_shapes_described(weekday_sample: Sample) -> None:
 
 def test_benign_heavy_windows_contain_their_principals_events(sample: Sample) -> None:
     frame, labels = sample
-    owners = {"nightly_backup": "backup", "billing_run": "batch_worker",
-              "bi_refresh": "bi_service", "nightly_aggregation": "batch_worker"}
+    owners = {
+        "nightly_backup": "backup",
+        "billing_run": "batch_worker",
+        "bi_refresh": "bi_service",
+        "nightly_aggregation": "batch_worker",
+    }
     windows: dict[str, list[tuple[datetime, datetime]]] = {}
     for entry in labels["benign_heavy"]:
         assert entry["activity"] in BENIGN_ACTIVITIES
@@ -231,7 +241,8 @@ def test_no_attacks_when_attack_days_is_zero() -> None:
     assert labels["scenarios"] == []
     assert frame["client_ip"].str.starts_with("10.").all()
     assert not frame["client_app"].is_in(["DBeaver 23.2.0", "pg_dump"]).any() or set(
-        frame.filter(pl.col("client_app") == "pg_dump")["db_user"]) == {"backup"}
+        frame.filter(pl.col("client_app") == "pg_dump")["db_user"]
+    ) == {"backup"}
 
 
 def test_app_api_volume_follows_the_day(weekday_sample: Sample) -> None:
@@ -244,8 +255,9 @@ def test_app_api_volume_follows_the_day(weekday_sample: Sample) -> None:
 
 @pytest.mark.parametrize("compression", [None, "gzip", "zstd"])
 def test_jsonl_round_trips_with_the_parquet(tmp_path: Path, compression: str | None) -> None:
-    summary = write_sample(tmp_path, days=1, seed=2, events_per_day=1000, attack_days=1,
-                           jsonl_compression=compression)  # type: ignore[arg-type]
+    summary = write_sample(
+        tmp_path, days=1, seed=2, events_per_day=1000, attack_days=1, jsonl_compression=compression
+    )  # type: ignore[arg-type]
     raw = summary.jsonl.read_bytes()
     if compression == "gzip":
         raw = gzip.decompress(raw)
@@ -272,15 +284,24 @@ def test_jsonl_round_trips_with_the_parquet(tmp_path: Path, compression: str | N
 
 def test_progress_is_reported_per_day() -> None:
     calls: list[tuple[int, int]] = []
-    generate(days=2, seed=1, events_per_day=1000, attack_days=0,
-             progress=lambda done, total: calls.append((done, total)))
+    generate(
+        days=2,
+        seed=1,
+        events_per_day=1000,
+        attack_days=0,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(1, 2), (2, 2)]
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"days": 0}, {"days": 2, "attack_days": 3}, {"days": 1, "events_per_day": 10},
-     {"days": 1, "start": datetime(2026, 1, 26, tzinfo=UTC)}],
+    [
+        {"days": 0},
+        {"days": 2, "attack_days": 3},
+        {"days": 1, "events_per_day": 10},
+        {"days": 1, "start": datetime(2026, 1, 26, tzinfo=UTC)},
+    ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):

@@ -23,14 +23,18 @@ from detector.scoring.threshold import calibrate, severity
 
 @settings(max_examples=25, deadline=None)
 @given(
-    data=arrays(np.float64, st.tuples(st.integers(20, 400), st.integers(1, 6)),
-                elements=st.floats(-1e6, 1e6, allow_nan=False, width=32)),
+    data=arrays(
+        np.float64,
+        st.tuples(st.integers(20, 400), st.integers(1, 6)),
+        elements=st.floats(-1e6, 1e6, allow_nan=False, width=32),
+    ),
     trees=st.integers(1, 30),
     max_features=st.sampled_from([1.0, 0.5]),
     seed=st.integers(0, 2**16),
 )
-def test_compiled_scores_equal_sklearn(data: np.ndarray, trees: int, max_features: float,
-                                       seed: int) -> None:
+def test_compiled_scores_equal_sklearn(
+    data: np.ndarray, trees: int, max_features: float, seed: int
+) -> None:
     model = IsolationForest(n_estimators=trees, max_features=max_features, random_state=seed)
     model.fit(data.astype(np.float32))
     forest = flatten(model)
@@ -83,8 +87,16 @@ def test_tampered_artefact_is_refused_before_loading(tmp_path: Path, victim: str
 def test_forest_with_out_of_range_arrays_is_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     forest, _ = fit_forest(rng.normal(size=(300, 2)), n_trees=3)
-    bad = Forest(forest.roots, forest.child + 10**6, forest.feature, forest.threshold,
-                 forest.value, forest.depth, forest.denominator, forest.n_features)
+    bad = Forest(
+        forest.roots,
+        forest.child + 10**6,
+        forest.feature,
+        forest.threshold,
+        forest.value,
+        forest.depth,
+        forest.denominator,
+        forest.n_features,
+    )
     bad.save(tmp_path / "f.npz")
     with pytest.raises(ModelError, match="inconsistent"):
         Forest.load(tmp_path / "f.npz")
@@ -116,10 +128,17 @@ def test_calibration_keeps_the_incident_budget() -> None:
 def test_explanation_names_actual_and_typical_values() -> None:
     names = ["rows_excess", "new_address_excess", "off_hours"]
     stats = feature_stats(np.zeros((100, 3)), names)
-    row = {"db_user": "app_api", "row_count": 2140, "rows_typical": np.log1p(1.0),
-           "rows_excess": 7.0, "new_address_excess": 1.0, "client_ip": "203.0.113.9",
-           "off_hours": 0.0, "tables": ["public.clients"],
-           "event_time": datetime(2026, 1, 1, 3, tzinfo=UTC) + timedelta(0)}
+    row = {
+        "db_user": "app_api",
+        "row_count": 2140,
+        "rows_typical": np.log1p(1.0),
+        "rows_excess": 7.0,
+        "new_address_excess": 1.0,
+        "client_ip": "203.0.113.9",
+        "off_hours": 0.0,
+        "tables": ["public.clients"],
+        "event_time": datetime(2026, 1, 1, 3, tzinfo=UTC) + timedelta(0),
+    }
     ex = explain(row, stats)
     assert ex["reason"].startswith("2,140 rows of public.clients; typical for app_api: 1")
     assert "new address 203.0.113.9" in ex["reason"]
@@ -131,7 +150,7 @@ def test_scores_frame_is_independent_of_batch_size() -> None:
     forest, _ = fit_forest(rng.normal(size=(1000, 5)), n_trees=20)
     X = rng.normal(size=(777, 5)) * 2
     whole = forest.score(X)
-    parts = np.concatenate([forest.score(X[i:i + 50]) for i in range(0, 777, 50)])
+    parts = np.concatenate([forest.score(X[i : i + 50]) for i in range(0, 777, 50)])
     assert np.array_equal(whole, parts)
     assert pl.Series(whole).is_finite().all()
 

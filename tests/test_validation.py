@@ -197,7 +197,16 @@ def test_zoned_timestamp_text_becomes_utc(text: str, expected: dt.datetime) -> N
 
 @pytest.mark.parametrize(
     "text",
-    ["yesterday", "2024-02-30T00:00:00Z", "2024-03-01T25:00:00Z", "2024-03-01", "1709294400"],
+    [
+        "yesterday",
+        "2024-02-30T00:00:00Z",
+        "2024-03-01T25:00:00Z",
+        "2024-03-01",
+        "2024-03-01T12Z",
+        "2024-03-01T12:00.5Z",
+        "2024-03-01T12:00:00+24:00",
+        "1709294400",
+    ],
 )
 def test_bad_timestamp(text: str) -> None:
     assert only_reason(loose(row(event_time=text), row())) == "bad_timestamp"
@@ -242,18 +251,22 @@ def timestamp_texts(draw: st.DrawFn) -> tuple[str, dt.datetime]:
     """Zoned ISO 8601 text in the accepted variants, and the UTC instant it names."""
     moment = draw(st.datetimes(dt.datetime(1971, 1, 1), dt.datetime(2099, 12, 31)))  # noqa: DTZ001
     zone = draw(_ZONES)
-    digits = draw(st.integers(0, 9))
     sep = draw(st.sampled_from(["T", " "]))
-    frac = f"{moment.microsecond:06d}{draw(st.integers(0, 999)):03d}"[:digits]
-    text = moment.strftime(f"%Y-%m-%d{sep}%H:%M:%S") + (f".{frac}" if digits else "") + zone
+    if draw(st.booleans()):  # minutes only
+        moment = moment.replace(second=0, microsecond=0)
+        text = moment.strftime(f"%Y-%m-%d{sep}%H:%M") + zone
+    else:
+        digits = draw(st.integers(0, 9))
+        frac = f"{moment.microsecond:06d}{draw(st.integers(0, 999)):03d}"[:digits]
+        point = draw(st.sampled_from([".", ","]))
+        text = moment.strftime(f"%Y-%m-%d{sep}%H:%M:%S") + (point + frac if digits else "") + zone
+        moment = moment.replace(microsecond=int(frac.ljust(6, "0")[:6]) if digits else 0)
     offset = dt.timedelta()
     if zone.lower() != "z":
         sign = -1 if zone[0] == "-" else 1
         hours, minutes = int(zone[1:3]), int(zone[-2:]) if len(zone) > 3 else 0
         offset = sign * dt.timedelta(hours=hours, minutes=minutes)
-    micros = int(frac.ljust(6, "0")[:6]) if digits else 0
-    instant = moment.replace(microsecond=micros, tzinfo=UTC) - offset
-    return text, instant
+    return text, moment.replace(tzinfo=UTC) - offset
 
 
 @settings(max_examples=60, deadline=None)

@@ -139,8 +139,15 @@ def _model_matrix(out: np.ndarray) -> np.ndarray:
     typical = out[:, 1 : 2 * K.NB : 2]
     typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
     excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
-    return np.column_stack([excess, out[:, K.O_OFF_HOURS], out[:, K.O_FAIL_ADDR],
-                            out[:, K.O_FAIL_PRINCIPAL], out[:, K.O_NEW_PRINCIPAL]])
+    return np.column_stack(
+        [
+            excess,
+            out[:, K.O_OFF_HOURS],
+            out[:, K.O_FAIL_ADDR],
+            out[:, K.O_FAIL_PRINCIPAL],
+            out[:, K.O_NEW_PRINCIPAL],
+        ]
+    )
 
 
 class FeatureEngine:
@@ -177,9 +184,12 @@ class FeatureEngine:
         feature frame (see :meth:`frame`): a scorer materialises only the rows it keeps."""
         n = events.height
         if n == 0:
-            return FeatureBatch(events, np.empty((0, K.N_OUT)),
-                                np.empty((0, len(MODEL_FEATURES))),
-                                pl.Series("tables", [], pl.List(pl.String)))
+            return FeatureBatch(
+                events,
+                np.empty((0, K.N_OUT)),
+                np.empty((0, len(MODEL_FEATURES))),
+                pl.Series("tables", [], pl.List(pl.String)),
+            )
         prep = self._prepare(events)
         cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
         pidx = self._principal_index(events["db_user"])
@@ -350,8 +360,12 @@ class FeatureEngine:
         events, out, model, tables = batch.events, batch.out, batch.model, batch.tables
         if mask is not None:
             keep = pl.Series(mask)
-            events, out, model, tables = events.filter(keep), out[mask], model[mask], tables.filter(
-                keep)
+            events, out, model, tables = (
+                events.filter(keep),
+                out[mask],
+                model[mask],
+                tables.filter(keep),
+            )
         context = events.select(
             *CONTEXT_COLUMNS, row_count=pl.coalesce("rows_returned", "rows_affected")
         ).with_columns(tables=tables)

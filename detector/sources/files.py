@@ -15,32 +15,36 @@
   frame of a file but its last holds exactly ``batch_rows``. Empty files yield nothing; blank
   lines are skipped.
 * Memory stays bounded whatever the file size: JSON lines are read and decompressed as a stream
-  in blocks of about ``batch_rows`` lines (never more than 64 MiB plus one line, and a line
-  longer than :data:`MAX_LINE_BYTES` is rejected as ``too_large`` without being held); Parquet
-  is read a row group at a time in batches of ``batch_rows``, and a compressed Parquet file is
-  spooled to a temporary file.
+  in runs of about ``batch_rows`` lines (at most 64 MiB plus one line; a line longer than
+  :data:`MAX_LINE_BYTES` is rejected as ``too_large`` without being held); Parquet is read one
+  row group at a time, and a compressed Parquet file is first decompressed, as a stream, into a
+  temporary file that is deleted afterwards.
 
-JSON lines are decoded a block at a time by Arrow's JSON reader against a strict schema. Only a
-block that fails is cut into small runs of lines, and only a run that still fails is decoded line
-by line, so a bad line costs a little of its neighbours' speed and never their records. The line
-by line decoding accepts more than the strict schema (numbers as text, text booleans, numbers in
-text fields); the result for a line does not depend on the lines around it.
+JSON lines are decoded by Arrow's JSON reader against a strict schema, in spans of a few MiB
+on a small thread pool. Only a span that fails is cut into runs of lines, and only a run that
+still fails is decoded line by line, so a bad line costs its neighbours a little speed and never
+their records. Decoding line by line accepts a little more than the strict schema (numbers as
+text, ``"true"``, numbers in text fields), and the outcome for a line never depends on the lines
+around it. Parquet columns are mapped by name (others are ignored) and read with polars, or
+with Arrow column by column when polars cannot hold a column's type.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import os
+import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, NamedTuple
 
 import numpy as np
 import orjson
@@ -52,7 +56,7 @@ import zstandard
 
 from detector import schema
 from detector.errors import InputError, Location, UnknownNameError
-from detector.quarantine import NullQuarantine, Quarantine
+from detector.quarantine import NullQuarantine, Quarantine, redact_text
 from detector.redact import redact_sql
 from detector.validation import LOC, REJECT_SCHEMA, check_zone, empty_rejects, validate
 
@@ -68,29 +72,40 @@ MAX_LINE_BYTES: Final = 16 * 1024 * 1024
 _MIN_BLOCK: Final = 64 * 1024
 _MAX_BLOCK: Final = 64 * 1024 * 1024
 _FIRST_BLOCK: Final = 1024 * 1024
-_SPAN_BYTES: Final = 4 * 1024 * 1024
+_SPAN_BYTES: Final = 1024 * 1024
 _JSON_SPACE: Final = frozenset(b" \t\r\n")
-_RUN_LINES: Final = 1024
+_SPACE: Final = b" \t\r\n"
+_TWO_OBJECTS: Final = re.compile(rb"}[ \t\r]*{")
+_ROW_IN_ERROR: Final = re.compile(r"in row (\d+)")
+_NON_STANDARD: Final = re.compile(rb"NaN|Inf")  # literals the strict reader takes, orjson not
+_LEAF_LINES: Final = 32  # fewer lines decode faster one by one than in an Arrow call
 _RAW_CHARS: Final = 64 * 1024
-_SPOOL_BYTES: Final = 64 * 1024 * 1024
 _THREADS: Final = 4
 _BOM: Final = b"\xef\xbb\xbf"
 _READ_ERRORS: Final = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 #: The strict JSON decode: canonical Arrow types, event_time kept as text for validate(),
 #: extra left to inference (Arrow's JSON reader has no map type).
+#: The strict JSON decode: canonical Arrow types, every field nullable (validate() judges what
+#: is missing), event_time as text for validate(), extra left to inference (the JSON reader has
+#: no map type).
 _STRICT_JSON: Final = pa.schema(
     [
-        pa.field(f.name, pa.string()) if f.name == "event_time" else f
+        pa.field(f.name, pa.string() if f.name == "event_time" else f.type)
         for f in schema.EVENT_ARROW_SCHEMA
         if f.name != "extra"
     ]
 )
 _PARSE: Final = pj.ParseOptions(explicit_schema=_STRICT_JSON, unexpected_field_behavior="infer")
-_LOOSE: Final[dict[str, pl.DataType]] = {
-    col: dtype if col in ("objects", "extra") else pl.String()
-    for col, dtype in schema.EVENT_SCHEMA.items()
-}
+#: Columns of a frame decoded line by line: scalars as text, for validate() to type.
+_LOOSE: Final = pa.schema(
+    [
+        pa.field(f.name, f.type if f.name == "objects" else pa.string())
+        for f in schema.EVENT_ARROW_SCHEMA
+        if f.name != "extra"
+    ]
+    + [pa.field("extra", pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())])))]
+)
 
 
 def expand_paths(paths: Sequence[str | Path] | str | Path) -> list[Path]:
@@ -213,19 +228,35 @@ class _Context:
         row = {"location": [location], "reason": [reason], "detail": [detail], "record": [record]}
         self.sink.write(pl.DataFrame(row, schema=REJECT_SCHEMA))
 
-    def validated(self, frame: pl.DataFrame, prefix: str, extra: pl.DataFrame) -> pl.DataFrame:
-        """Validate ``frame``; quarantine its rejects and ``extra`` rejects (both located by
-        ``_loc`` numbers, sorted, then prefixed); return the good rows."""
-        if frame.height:
-            good, rejects = validate(frame, default_tz=self.default_tz)
-        else:
-            good, rejects = schema.empty_events(), empty_rejects()
-        rejects = pl.concat([extra, rejects])
+    def validated(
+        self, frames: list[pl.DataFrame], prefix: str, extra: pl.DataFrame
+    ) -> pl.DataFrame:
+        """Validate ``frames`` (whose ``_loc`` are distinct numbers) and return their good rows
+        in ``_loc`` order; quarantine their rejects and the ``extra`` ones, sorted by number,
+        with ``prefix`` put before each number."""
+        goods: list[pl.DataFrame] = []
+        rejects = [extra]
+        for frame in frames:
+            if frame.height == 0:
+                continue
+            good, rejected = validate(frame, default_tz=self.default_tz)
+            numbers = frame.get_column(LOC)
+            if rejected.height:
+                gone = rejected.get_column("location").cast(pl.Int64)
+                numbers = numbers.filter(~numbers.is_in(gone.implode()))
+            goods.append(good.with_columns(numbers.alias(LOC)))
+            rejects.append(rejected)
+        self._quarantine(pl.concat(rejects), prefix)
+        if not goods:
+            return schema.empty_events()
+        merged = pl.concat(goods) if len(goods) == 1 else pl.concat(goods).sort(LOC)
+        return merged.drop(LOC)
+
+    def _quarantine(self, rejects: pl.DataFrame, prefix: str) -> None:
         if rejects.height:
             order = rejects.get_column("location").cast(pl.Int64, strict=False)
             rejects = rejects.with_columns(location=pl.lit(prefix) + pl.col("location"))
             self.sink.write(rejects.sort(order, maintain_order=True))
-        return good
 
 
 class _Batcher:
@@ -296,22 +327,29 @@ def _opened(path: Path, compression: str) -> Iterator[IO[bytes]]:
 def _read(stream: IO[bytes], size: int, where: Location) -> bytes:
     """Up to ``size`` bytes (fewer only at the end); InputError on a read or decode failure."""
     buffer = bytearray(size)
-    return bytes(buffer[: _read_into(stream, memoryview(buffer), where)])
+    got, error = _read_into(stream, memoryview(buffer), where)
+    if error is not None:
+        raise error
+    return bytes(buffer[:got])
 
 
-def _read_into(stream: IO[bytes], view: memoryview, where: Location) -> int:
-    """Fill ``view`` (short only at the end of the stream); InputError on a read or decode
-    failure. Returns how many bytes were read."""
+def _read_into(
+    stream: IO[bytes], view: memoryview, where: Location
+) -> tuple[int, InputError | None]:
+    """Fill ``view`` (short only at the end of the stream). Returns how many bytes were read
+    and, if reading or decompressing failed part way, the InputError to raise once the bytes
+    read before it have been used."""
     done = 0
     try:
         while done < len(view):
-            got = stream.readinto(view[done:])  # type: ignore[attr-defined]
+            # readinto1: one read underneath per call, so a failing call has taken no bytes
+            got = stream.readinto1(view[done:])  # type: ignore[attr-defined]
             if not got:
                 break
             done += got
     except _READ_ERRORS as exc:
-        raise InputError(f"cannot read {where.path}: {exc}", location=where) from exc
-    return done
+        return done, InputError(f"cannot read {where.path}: {exc}", location=where)
+    return done, None
 
 
 # --- JSON lines -----------------------------------------------------------------------------
@@ -319,7 +357,8 @@ def _read_into(stream: IO[bytes], view: memoryview, where: Location) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Lines:
-    """Complete lines: ``data[:end]`` holds ``count`` lines, the first numbered ``first``.
+    """Complete lines: ``data[:end]`` holds ``count`` lines, the first numbered ``first``;
+    ``newlines`` are the positions of their line ends.
 
     ``data`` is the reader's buffer, valid only until the next run is asked for.
     """
@@ -327,6 +366,7 @@ class _Lines:
     data: bytearray
     end: int
     first: int
+    newlines: np.ndarray
     count: int
 
 
@@ -339,15 +379,31 @@ class _Overlong:
 
 
 def _jsonl(path: Path, compression: str, context: _Context) -> Iterator[pl.DataFrame]:
+    """Good rows of a JSON lines file. While one run of lines is decoded on the pool, the
+    run before it is validated. If the file breaks off, the runs read whole still count."""
     where = str(path)
-    with _opened(path, compression) as stream:
-        for piece in _LineReader(stream, where, context.batch_rows):
-            if isinstance(piece, _Overlong):
-                detail = f"line is longer than {MAX_LINE_BYTES} bytes"
-                record = _raw_record(piece.head)
-                context.reject(f"{where}:{piece.number}", "too_large", detail, record)
-                continue
-            yield _decode_lines(piece, where, context)
+    waiting: _Parts | None = None
+    try:
+        with _opened(path, compression) as stream:
+            for piece in _LineReader(stream, where, context.batch_rows):
+                if waiting is not None and isinstance(piece, _Overlong):
+                    yield _finish(waiting, where, context)
+                    waiting = None
+                if isinstance(piece, _Overlong):
+                    detail = f"line is longer than {MAX_LINE_BYTES} bytes"
+                    record = _raw_record(piece.head)
+                    context.reject(f"{where}:{piece.number}", "too_large", detail, record)
+                    continue
+                spans, attempts = _start(piece, context.pool)
+                if waiting is not None:
+                    yield _finish(waiting, where, context)
+                waiting = _collect(piece, spans, attempts)
+    except InputError:
+        if waiting is not None:
+            yield _finish(waiting, where, context)
+        raise
+    if waiting is not None:
+        yield _finish(waiting, where, context)
 
 
 class _LineReader:
@@ -370,7 +426,12 @@ class _LineReader:
         size = _FIRST_BLOCK
         self._drop_bom()
         while True:
-            filled, at_end = self._fill(size)
+            filled, at_end, error = self._fill(size)
+            if error is not None:  # the lines read whole before the failure still count
+                cut = self._buffer.rfind(b"\n", 0, filled) + 1
+                if cut:
+                    yield self._lines(cut)
+                raise error
             cut = filled if at_end else self._buffer.rfind(b"\n", 0, filled) + 1
             if cut == 0:
                 if at_end:
@@ -381,12 +442,18 @@ class _LineReader:
                 else:
                     self._kept, size = filled, max(size, filled)
                 continue
-            count = _count_lines(self._buffer, 0, cut)
-            yield _Lines(self._buffer, cut, self._line, count)
+            piece = self._lines(cut)
+            yield piece
             if at_end:
                 return
-            self._keep(cut, filled, count)
+            self._keep(cut, filled, piece.count)
             size = self._next_size()
+
+    def _lines(self, cut: int) -> _Lines:
+        text = np.frombuffer(self._buffer, dtype=np.uint8, count=cut)
+        newlines = np.flatnonzero(text == ord("\n"))
+        count = len(newlines) + (self._buffer[cut - 1] != ord("\n"))
+        return _Lines(self._buffer, cut, self._line, newlines, count)
 
     def _location(self) -> Location:
         return Location(self._where, line=self._line)
@@ -397,15 +464,16 @@ class _LineReader:
             self._buffer[: len(head)] = head
             self._kept = len(head)
 
-    def _fill(self, size: int) -> tuple[int, bool]:
-        """Read ``size`` more bytes after the kept ones: (bytes in buffer, stream ended)."""
+    def _fill(self, size: int) -> tuple[int, bool, InputError | None]:
+        """Read ``size`` more bytes after the kept ones: (bytes in buffer, stream ended, the
+        error that cut reading short)."""
         if len(self._buffer) < self._kept + size:
             grown = bytearray((self._kept + size) * 5 // 4)  # headroom: sizes drift a little
             grown[: self._kept] = self._buffer[: self._kept]
             self._buffer = grown
         view = memoryview(self._buffer)[self._kept : self._kept + size]
-        got = _read_into(self._stream, view, self._location())
-        return self._kept + got, got < size
+        got, error = _read_into(self._stream, view, self._location())
+        return self._kept + got, got < size, error
 
     def _keep(self, cut: int, filled: int, count: int) -> None:
         rest = filled - cut
@@ -432,150 +500,310 @@ class _LineReader:
                 return
 
 
-def _count_lines(buffer: bytearray, start: int, end: int) -> int:
-    """Lines in ``buffer[start:end]``, counting a last line without a newline."""
-    if end <= start:
-        return 0
-    window = np.frombuffer(buffer, dtype=np.uint8, count=end - start, offset=start)
-    return int(np.count_nonzero(window == 10)) + (buffer[end - 1] != ord("\n"))
-
-
 @dataclass(frozen=True, slots=True)
 class _Span:
-    """``count`` lines at ``data[start:end]`` of a run, the first numbered ``first``."""
+    """The lines at ``data[start:stop]`` of a run, the first numbered ``first``;
+    ``newlines`` are the positions of their line ends."""
 
     start: int
-    end: int
+    stop: int
     first: int
-    count: int
+    newlines: np.ndarray
+
+    def line_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end (exclusive, without the newline) of every line."""
+        starts = np.concatenate(([self.start], self.newlines + 1))
+        ends = np.concatenate((self.newlines, [self.stop]))
+        if len(self.newlines) and self.newlines[-1] == self.stop - 1:
+            starts, ends = starts[:-1], ends[:-1]  # nothing follows the last newline
+        return starts, ends
 
 
 def _spans(piece: _Lines) -> list[_Span]:
     """Cut a run at line ends into spans of about _SPAN_BYTES (one line may make a span
     longer), each decoded on its own so a bad line costs only its span the fast path."""
     spans: list[_Span] = []
-    start, first = 0, piece.first
+    newlines = piece.newlines
+    start, first, low = 0, piece.first, 0
     while start < piece.end:
-        stop = min(start + _SPAN_BYTES, piece.end)
-        if stop < piece.end:
-            newline = piece.data.rfind(b"\n", start, stop)
-            if newline < 0:
-                newline = piece.data.find(b"\n", stop, piece.end)
-            stop = newline + 1 if newline >= 0 else piece.end
-        count = _count_lines(piece.data, start, stop)
-        spans.append(_Span(start, stop, first, count))
-        start, first = stop, first + count
+        high = int(np.searchsorted(newlines, start + _SPAN_BYTES, side="left"))
+        if start + _SPAN_BYTES >= piece.end:
+            high = len(newlines)
+        elif high == low:  # one line longer than a span
+            high = min(low + 1, len(newlines))
+        stop = int(newlines[high - 1]) + 1 if high > low else piece.end
+        if high == len(newlines):
+            stop = piece.end
+        span = _Span(start, stop, first, newlines[low:high])
+        spans.append(span)
+        start, first, low = stop, first + len(span.line_bounds()[0]), high
     return spans
 
 
-def _decode_lines(piece: _Lines, where: str, context: _Context) -> pl.DataFrame:
-    """Good rows of a run of lines, in order; rejects go to the quarantine.
+_Decoded = tuple[pa.Table, pl.Series]  # rows decoded strictly, and their line numbers
 
-    Spans are decoded strictly in parallel; consecutive clean spans are validated together,
-    and a span that fails is decoded carefully on its own.
-    """
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """A run of lines decoded but not yet validated: what decoded strictly, and the lines
+    left to decode one by one. Holds no reference to the reader's buffer."""
+
+    decoded: list[_Decoded]
+    leftovers: list[tuple[int, bytes]]
+
+
+def _start(piece: _Lines, pool: ThreadPoolExecutor) -> tuple[list[_Span], list[Future[_Attempt]]]:
+    """Cut a run into spans and start decoding each strictly on the pool."""
     spans = _spans(piece)
     buffer = pa.py_buffer(piece.data)
-    tables = context.pool.map(lambda s: _arrow_json(buffer.slice(s.start, s.end - s.start)), spans)
-    goods: list[pl.DataFrame] = []
-    clean: list[tuple[pa.Table, pl.Series]] = []
-    for span, table in zip(spans, tables, strict=True):
+    attempts = [pool.submit(_arrow_json, buffer.slice(s.start, s.stop - s.start)) for s in spans]
+    return spans, attempts
+
+
+def _collect(piece: _Lines, spans: list[_Span], attempts: list[Future[_Attempt]]) -> _Parts:
+    """Wait for the strict decodes of a run; take a span that failed apart with
+    :func:`_careful` (the only step that reads the buffer after the decodes)."""
+    parts = _Parts([], [])
+    for span, future in zip(spans, attempts, strict=True):
+        table = future.result().table
         numbers = None if table is None else _line_numbers(piece.data, span, table.num_rows)
         if table is not None and numbers is not None:
-            clean.append((table, numbers))
+            parts.decoded.append((table, numbers))
             continue
-        goods.append(_validated_tables(clean, where, context))
-        clean = []
-        goods.append(_decode_carefully(piece.data, span, where, context))
-    goods.append(_validated_tables(clean, where, context))
-    return pl.concat(goods)
+        for part in _careful(_numbered(piece.data, span)):
+            if isinstance(part, list):
+                parts.leftovers.extend(part)
+            else:
+                parts.decoded.append(part)
+    return parts
 
 
-def _validated_tables(
-    clean: list[tuple[pa.Table, pl.Series]], where: str, context: _Context
-) -> pl.DataFrame:
-    if not clean:
-        return schema.empty_events()
-    tables = [table for table, _ in clean]
-    numbers = pl.concat([n for _, n in clean])
+def _finish(parts: _Parts, where: str, context: _Context) -> pl.DataFrame:
+    """Validate a decoded run: good rows in line order; rejects to the quarantine."""
+    frames = _frames(parts.decoded)
+    rejects = empty_rejects()
+    if parts.leftovers:
+        loose, rejects = _decode_one_by_one(parts.leftovers)
+        frames.append(loose)
+    return context.validated(frames, f"{where}:", rejects)
+
+
+def _frames(decoded: list[_Decoded]) -> list[pl.DataFrame]:
+    """Strictly decoded parts as loose frames: one if their schemas merge (the usual case)."""
+    if not decoded:
+        return []
+    numbers = pl.concat([n for _, n in decoded])
     try:
-        table = pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowException:  # extra keys typed differently in two spans
-        return pl.concat([_validated_tables([part], where, context) for part in clean])
-    return context.validated(_frame(table, numbers), f"{where}:", empty_rejects())
+        table = pa.concat_tables([t for t, _ in decoded], promote_options="permissive")
+    except pa.ArrowException:  # an extra key typed differently in two parts
+        return [_frame(t, n) for t, n in decoded]
+    return [_frame(table, numbers)]
 
 
 def _line_numbers(data: bytearray, span: _Span, rows: int) -> pl.Series | None:
-    """The line number of each decoded row, or None if rows and lines cannot be matched."""
-    if rows == span.count:
-        return pl.int_range(span.first, span.first + rows, eager=True)
-    lines = bytes(data[span.start : span.end]).split(b"\n")[: span.count]
-    numbers = [span.first + i for i, line in enumerate(lines) if line.strip()]
+    """The line number of each decoded row, or None if rows and lines do not match.
+
+    Each non-blank line gives at least one row when the decode succeeds, so as many rows as
+    non-blank lines means exactly one row per line, in order.
+    """
+    starts, ends = span.line_bounds()
+    text = np.frombuffer(data, dtype=np.uint8)
+    firsts = text[np.minimum(starts, len(text) - 1)]
+    maybe_blank = (ends == starts) | _is_space(firsts)
+    if not maybe_blank.any():
+        numbers = np.arange(span.first, span.first + len(starts))
+    else:
+        blank = [not data[starts[i] : ends[i]].strip(_SPACE) for i in range(len(starts))]
+        numbers = span.first + np.flatnonzero(~np.array(blank, dtype=bool))
     return pl.Series(numbers, dtype=pl.Int64) if len(numbers) == rows else None
 
 
-def _decode_carefully(data: bytearray, span: _Span, where: str, context: _Context) -> pl.DataFrame:
-    """Decode a span in runs of _RUN_LINES lines, and a run that fails line by line."""
-    lines = bytes(data[span.start : span.end]).split(b"\n")[: span.count]
-    goods = [
-        _decode_run(lines[start : start + _RUN_LINES], span.first + start, where, context)
-        for start in range(0, len(lines), _RUN_LINES)
-    ]
-    return pl.concat(goods)
+def _is_space(codes: np.ndarray) -> np.ndarray:
+    return np.asarray((codes == 32) | (codes == 9) | (codes == 13) | (codes == 10), dtype=bool)
 
 
-def _decode_run(lines: list[bytes], first: int, where: str, context: _Context) -> pl.DataFrame:
-    numbered = [(first + i, line) for i, line in enumerate(lines) if line.strip()]
-    if not numbered:
-        return schema.empty_events()
-    table = _arrow_json(pa.py_buffer(b"\n".join(line for _, line in numbered)))
-    if table is not None and table.num_rows == len(numbered):
-        numbers = pl.Series([number for number, _ in numbered], dtype=pl.Int64)
-        return context.validated(_frame(table, numbers), f"{where}:", empty_rejects())
-    frame, rejects = _decode_one_by_one(numbered)
-    return context.validated(frame, f"{where}:", rejects)
+def _numbered(data: bytearray, span: _Span) -> list[tuple[int, bytes]]:
+    """The span's non-blank lines with their numbers."""
+    starts, ends = span.line_bounds()
+    lines = [bytes(data[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+    return [(span.first + i, line) for i, line in enumerate(lines) if line.strip(_SPACE)]
 
 
-def _arrow_json(buffer: pa.Buffer) -> pa.Table | None:
-    """The strict decode of some lines as one block, or None if any line breaks it.
+def _careful(numbered: list[tuple[int, bytes]]) -> Iterator[_Decoded | list[tuple[int, bytes]]]:
+    """In order: parts that decode strictly, and lines left for line by line decoding.
+
+    Lines the strict reader must not see (see :func:`_arrow_json`) are set aside first; each
+    stretch between them is then decoded with :class:`_Isolator`.
+    """
+    isolator = _Isolator(numbered)
+    start = 0
+    for index in isolator.suspicious():
+        yield from isolator.parts(start, index)
+        yield [numbered[index]]
+        start = index + 1
+    yield from isolator.parts(start, len(numbered))
+
+
+class _Isolator:
+    """Find the lines of a run that break the strict decode.
+
+    The lines are joined once; every attempt decodes a slice of that. The reader's error names
+    the bad row for most faults (and stops reading there), so the rows before it go in one
+    piece; otherwise the range is halved, down to groups of _LEAF_LINES lines.
+    """
+
+    def __init__(self, numbered: list[tuple[int, bytes]]) -> None:
+        self._numbered = numbered
+        self._joined = b"\n".join(line for _, line in numbered)
+        self._buffer = pa.py_buffer(self._joined)
+        self._starts = np.zeros(len(numbered) + 1, dtype=np.int64)
+        np.cumsum([len(line) + 1 for _, line in numbered], out=self._starts[1:])
+
+    def suspicious(self) -> list[int]:
+        """Indexes of the lines the strict reader must not see, ascending."""
+        bad: set[int] = set()
+        if self._joined:
+            text = np.frombuffer(self._joined, dtype=np.uint8)
+            for index in np.flatnonzero(text[self._starts[:-1]] != ord("{")):
+                if self._numbered[index][1].lstrip(_SPACE)[:1] != b"{":
+                    bad.add(int(index))
+        for match in _TWO_OBJECTS.finditer(self._joined):
+            bad.add(int(np.searchsorted(self._starts, match.start(), side="right")) - 1)
+        if _bad_utf8_row(self._buffer) is not None:
+            bad.update(i for i, (_, line) in enumerate(self._numbered) if not _utf8(line))
+        return sorted(bad)
+
+    def parts(self, low: int, high: int) -> Iterator[_Decoded | list[tuple[int, bytes]]]:
+        while high - low > _LEAF_LINES:
+            attempt = self._decode(low, high)
+            if attempt.table is not None:
+                numbers = [number for number, _ in self._numbered[low:high]]
+                yield attempt.table, pl.Series(numbers, dtype=pl.Int64)
+                return
+            bad = attempt.bad_row
+            if bad is None or not 0 <= bad < high - low:
+                middle = (low + high) // 2
+                yield from self.parts(low, middle)
+                yield from self.parts(middle, high)
+                return
+            if bad:
+                yield from self.parts(low, low + bad)
+            yield [self._numbered[low + bad]]
+            low += bad + 1
+        if high > low:
+            yield self._numbered[low:high]
+
+    def _decode(self, low: int, high: int) -> _Attempt:
+        start, end = int(self._starts[low]), int(self._starts[high]) - 1
+        attempt = _arrow_decode(self._buffer.slice(start, end - start))
+        if attempt.table is not None and attempt.table.num_rows != high - low:
+            return _Attempt(None, None)
+        return attempt
+
+
+def _utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _Attempt(NamedTuple):
+    """A strict decode: the table, or None and (when known) the index of the first bad row."""
+
+    table: pa.Table | None
+    bad_row: int | None
+
+
+def _arrow_json(buffer: pa.Buffer) -> _Attempt:
+    """The strict decode of some lines as one block.
 
     Text whose first value is not an object never reaches the Arrow reader (a top-level
-    ``null`` there crashes some versions of it).
+    ``null`` there crashes some versions of it), nor text that is not valid UTF-8 (the reader
+    passes it through). A row with none of the required fields (a ``null`` line decodes so)
+    fails the decode too, so such lines are judged line by line. The reader makes two rows of
+    a line holding two objects: callers check the row count.
     """
-    if not _starts_with_object(buffer):
-        return None
+    view = memoryview(buffer)
+    if not _starts_with_object(view):
+        return _Attempt(None, 0)
+    bad_text = _bad_utf8_row(buffer)
+    if bad_text is not None:
+        return _Attempt(None, bad_text)
+    return _arrow_decode(buffer)
+
+
+def _arrow_decode(buffer: pa.Buffer) -> _Attempt:
+    """The strict decode itself, for text already known to pass :func:`_arrow_json`'s checks."""
     options = pj.ReadOptions(use_threads=False, block_size=buffer.size + 1)
     try:
         table = pj.read_json(pa.BufferReader(buffer), read_options=options, parse_options=_PARSE)
-    except pa.ArrowException:
-        return None
-    return table if _extra_is_flat(table) else None
+    except pa.ArrowException as exc:
+        row = _ROW_IN_ERROR.search(str(exc))
+        return _Attempt(None, int(row.group(1)) if row else None)
+    bad = _first_odd_row(table)
+    return _Attempt(table, None) if bad is None else _Attempt(None, bad)
 
 
-def _starts_with_object(buffer: pa.Buffer) -> bool:
-    for byte in memoryview(buffer):
+def _bad_utf8_row(buffer: pa.Buffer) -> int | None:
+    """None if the text is valid UTF-8 (the JSON reader does not check), else the index of the
+    line holding the first invalid byte."""
+    offsets = pa.py_buffer(np.array([0, buffer.size], dtype=np.int64).tobytes())
+    text = pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, buffer])
+    try:
+        text.validate(full=True)
+    except pa.ArrowInvalid:
+        raw: bytes = buffer.to_pybytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return raw[: exc.start].count(b"\n")
+        return 0
+    return None
+
+
+def _starts_with_object(view: memoryview) -> bool:
+    for byte in view:
         if byte not in _JSON_SPACE:
             return bool(byte == ord("{"))
     return False
 
 
-def _extra_is_flat(table: pa.Table) -> bool:
-    """Whether ``extra`` (if any) decoded to a struct the fast path turns into text exactly as
-    the line by line path would (text, integer, boolean or null values)."""
-    if "extra" not in table.column_names:
-        return True
-    dtype = table.schema.field("extra").type
+def _first_odd_row(table: pa.Table) -> int | None:
+    """The first row the fast path must not take: one with no required field at all (an empty
+    object, or a ``null`` line), or whose ``extra`` is not an object of text, integers and
+    booleans (the line by line path turns those into text its own way)."""
+    masks = [_bools(table.column(name).is_null()) for name in schema.REQUIRED]
+    odd = np.logical_and.reduce(masks)
+    if "extra" in table.column_names:
+        odd |= _odd_extra(table.column("extra"))
+    rows = np.flatnonzero(odd)
+    return int(rows[0]) if rows.size else None
+
+
+def _odd_extra(extra: pa.ChunkedArray) -> np.ndarray:
+    dtype = extra.type
     if pa.types.is_null(dtype):
-        return True
+        return np.zeros(len(extra), dtype=bool)
     if not pa.types.is_struct(dtype):
-        return False
-    return all(
-        pa.types.is_string(f.type)
-        or pa.types.is_integer(f.type)
-        or pa.types.is_boolean(f.type)
-        or pa.types.is_null(f.type)
-        for f in dtype
-    )
+        return _bools(extra.is_valid())
+    odd = np.zeros(len(extra), dtype=bool)
+    combined = extra.combine_chunks()
+    for field, child in zip(dtype, combined.flatten(), strict=True):
+        flat = (
+            pa.types.is_string(field.type)
+            or pa.types.is_integer(field.type)
+            or pa.types.is_boolean(field.type)
+            or pa.types.is_null(field.type)
+        )
+        if not flat:
+            odd |= _bools(child.is_valid())
+    return odd
+
+
+def _bools(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _frame(table: pa.Table, numbers: pl.Series) -> pl.DataFrame:
@@ -595,8 +823,9 @@ def _decode_one_by_one(numbered: list[tuple[int, bytes]]) -> tuple[pl.DataFrame,
             numbers.append(number)
         else:
             rejected.append((str(number), *outcome))
-    columns = {col: [row.get(col) for row in rows] for col in _LOOSE}
-    frame = pl.DataFrame(columns, schema=_LOOSE).with_columns(pl.Series(LOC, numbers, pl.Int64))
+    columns = [pa.array([row.get(f.name) for row in rows], f.type) for f in _LOOSE]
+    table = pa.Table.from_arrays(columns, schema=_LOOSE)  # far faster than polars from objects
+    frame = _frame(table, pl.Series(numbers, dtype=pl.Int64))
     rejects = pl.DataFrame(rejected, schema=REJECT_SCHEMA, orient="row")
     return frame, rejects
 
@@ -606,26 +835,29 @@ def _decode_line(line: bytes) -> dict[str, Any] | tuple[str, str, str]:
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
-        return "malformed_json", f"malformed JSON: {exc}", _raw_record(line)
+        value = _arrow_line(line) if _NON_STANDARD.search(line) else None
+        if value is None:
+            return "malformed_json", f"malformed JSON: {exc}", _raw_record(line)
     if not isinstance(value, dict):
-        kind = type(value).__name__ if value is not None else "null"
-        return (
-            "not_an_object",
-            f"line holds a JSON {_JSON_KINDS.get(kind, kind)}",
-            _raw_record(line),
-        )
+        return "not_an_object", f"line holds a JSON {_json_kind(value)}", _raw_record(line)
     loose: dict[str, Any] = {}
     for col, item in value.items():
-        if col not in _LOOSE or item is None:
+        if item is None or col not in schema.EVENT_SCHEMA:
             continue
-        converted = _loosen(col, item)
+        to_text = _TEXT_OF.get(type(item))
+        converted: object
+        if col == "objects":
+            converted = _objects(item)
+        elif col == "extra":
+            converted = _pairs(item)
+        elif to_text is not None:
+            converted = to_text(item)
+        else:
+            converted = _Bad(f"expected a single value, got an {_json_kind(item)}")
         if isinstance(converted, _Bad):
             return "bad_type", f"{col}: {converted.why}", _object_record(value)
         loose[col] = converted
     return loose
-
-
-_JSON_KINDS: Final = {"list": "array", "str": "string", "int": "number", "float": "number"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,33 +865,59 @@ class _Bad:
     why: str
 
 
-def _loosen(col: str, item: object) -> object:
-    """One JSON value as the loose column expects it, or _Bad."""
-    if col == "objects":
-        if isinstance(item, list) and all(x is None or isinstance(x, str) for x in item):
-            return item
-        return _Bad("expected a list of strings")
-    if col == "extra":
-        if not isinstance(item, dict):
-            return _Bad("expected an object")
-        return [
-            {"key": key, "value": _as_text(v)} for key, v in sorted(item.items()) if v is not None
-        ]
-    if isinstance(item, dict | list):
-        return _Bad(
-            f"expected a single value, got an {'object' if isinstance(item, dict) else 'array'}"
-        )
-    return _as_text(item)
+#: JSON scalars as text: numbers and booleans as JSON spells them (non-finite floats, which
+#: only the strict reader lets in, as text that validate() reads back and then rejects).
+_TEXT_OF: Final[dict[type, Callable[[Any], str]]] = {
+    str: str,
+    int: str,
+    bool: lambda value: "true" if value else "false",
+    float: repr,
+}
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean"}
+    return kinds.get(type(value), "number")
+
+
+def _objects(item: object) -> list[str | None] | _Bad:
+    if isinstance(item, list) and all(x is None or type(x) is str for x in item):
+        return item
+    return _Bad("expected a list of strings")
+
+
+def _pairs(item: object) -> list[dict[str, str]] | _Bad:
+    if not isinstance(item, dict):
+        return _Bad("expected an object")
+    return [
+        {"key": key, "value": _as_text(value)}
+        for key, value in sorted(item.items())
+        if value is not None
+    ]
 
 
 def _as_text(value: object) -> str:
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
+    to_text = _TEXT_OF.get(type(value))
+    return to_text(value) if to_text is not None else orjson.dumps(value).decode()
+
+
+def _arrow_line(line: bytes) -> dict[str, Any] | None:
+    """A line the strict decoder takes although it is not standard JSON (``NaN``, ``Inf``), as
+    the strict decoder reads it; None if it does not take it either. So the outcome for such
+    a line is the same whether it is decoded with its neighbours or alone."""
+    table = _arrow_json(pa.py_buffer(line)).table
+    if table is None or table.num_rows != 1:
+        return None
+    row: dict[str, Any] = table.to_pylist()[0]
+    return row
 
 
 def _raw_record(line: bytes) -> str:
     """A line that is not a JSON object, as a JSON string: decoded, cut and redacted."""
     text = line[:_RAW_CHARS].decode("utf-8", errors="replace")
-    return orjson.dumps(redact_sql(text)).decode()
+    return orjson.dumps(redact_text(text)).decode()
 
 
 def _object_record(value: dict[str, Any]) -> str:
@@ -675,43 +933,57 @@ def _object_record(value: dict[str, Any]) -> str:
 
 
 def _parquet(path: Path, compression: str, context: _Context) -> Iterator[pl.DataFrame]:
-    with _parquet_source(path, compression) as source:
-        if source is None:
+    with _parquet_path(path, compression) as local:
+        if local is None:
             return
         try:
-            parquet = pq.ParquetFile(source)
+            parquet = pq.ParquetFile(local)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"cannot read {path} as Parquet: {exc}") from exc
         columns = [name for name in parquet.schema_arrow.names if name in schema.EVENT_SCHEMA]
+        groups = _RowGroups(parquet, pl.scan_parquet(local).select(columns), columns, str(path))
         for group in range(parquet.metadata.num_row_groups):
-            yield from _row_group(parquet, group, columns, str(path), context)
+            frame = groups.read(group)
+            frame = frame.with_columns(pl.int_range(0, frame.height, eager=True).alias(LOC))
+            yield context.validated([frame], f"{path}:{group}:", empty_rejects())
 
 
-def _row_group(
-    parquet: pq.ParquetFile, group: int, columns: list[str], where: str, context: _Context
-) -> Iterator[pl.DataFrame]:
-    row = 0
-    batches = parquet.iter_batches(
-        batch_size=context.batch_rows, row_groups=[group], columns=columns
-    )
-    while True:
+class _RowGroups:
+    """Reads one row group at a time: polars first (fast), Arrow column by column when polars
+    cannot hold a column's type, InputError when the row group cannot be read at all."""
+
+    def __init__(
+        self, parquet: pq.ParquetFile, lazy: pl.LazyFrame, columns: list[str], where: str
+    ) -> None:
+        self._parquet = parquet
+        self._lazy = lazy
+        self._columns = columns
+        self._where = where
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        self._offsets = [0, *itertools.accumulate(sizes)]
+        self._sizes = sizes
+
+    def read(self, group: int) -> pl.DataFrame:
+        size = self._sizes[group]
+        if not self._columns:
+            return pl.DataFrame(height=size)
         try:
-            batch = next(batches, None)
+            frame = self._lazy.slice(self._offsets[group], size).collect()
+            if frame.height == size:
+                return frame
+        except (pl.exceptions.PolarsError, OSError):
+            pass
+        try:
+            return _arrow_frame(self._parquet.read_row_group(group, columns=self._columns))
         except (pa.ArrowException, OSError) as exc:
-            location = Location(where, row_group=group, row=row)
-            raise InputError(f"cannot read {where}: {exc}", location=location) from exc
-        if batch is None:
-            return
-        numbers = pl.int_range(row, row + batch.num_rows, eager=True)
-        frame = _arrow_frame(pa.Table.from_batches([batch])).with_columns(numbers.alias(LOC))
-        yield context.validated(frame, f"{where}:{group}:", empty_rejects())
-        row += batch.num_rows
+            location = Location(self._where, row_group=group, row=0)
+            raise InputError(f"cannot read {self._where}: {exc}", location=location) from exc
 
 
 @contextmanager
-def _parquet_source(path: Path, compression: str) -> Iterator[str | IO[bytes] | None]:
-    """Something Parquet can seek in: the path itself, or the decompressed bytes spooled to a
-    temporary file. None for an empty file."""
+def _parquet_path(path: Path, compression: str) -> Iterator[str | None]:
+    """A path Parquet can seek in: the file itself, or its bytes decompressed into a temporary
+    file (streamed; deleted afterwards). None for an empty file."""
     if not compression:
         try:
             empty = path.stat().st_size == 0
@@ -719,14 +991,14 @@ def _parquet_source(path: Path, compression: str) -> Iterator[str | IO[bytes] | 
             raise InputError(f"cannot open {path}: {exc.strerror or exc}") from exc
         yield None if empty else str(path)
         return
-    with _opened(path, compression) as stream, tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as spool:
-        try:
-            shutil.copyfileobj(stream, spool, _MIN_BLOCK)
-        except _READ_ERRORS as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
-        size = spool.tell()
-        spool.seek(0)
-        yield spool if size else None
+    with _opened(path, compression) as stream, tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "decompressed.parquet"
+        with local.open("wb") as out:
+            try:
+                shutil.copyfileobj(stream, out, _MIN_BLOCK)
+            except _READ_ERRORS as exc:
+                raise InputError(f"cannot read {path}: {exc}") from exc
+        yield str(local) if local.stat().st_size else None
 
 
 def _arrow_frame(table: pa.Table) -> pl.DataFrame:
