@@ -1019,3 +1019,32 @@ def _arrow_column(name: str, column: pa.ChunkedArray) -> pl.Series:
     except (pl.exceptions.PolarsError, pa.ArrowException, TypeError, ValueError):
         opaque = [b"" if valid else None for valid in column.is_valid().to_pylist()]
         return pl.Series(name, opaque, dtype=pl.Binary)
+
+
+# --- bytes already in memory (tailed files) ---------------------------------------------------
+
+
+def line_parser(
+    quarantine: Quarantine, default_tz: str | None = None
+) -> Callable[[bytes, str, int, int], pl.DataFrame]:
+    """A function parsing complete JSON lines held in memory, as :func:`read_events` parses a
+    file: ``parse(data, where, first_line, count)`` returns the good events of the ``count``
+    lines in ``data`` (numbered from ``first_line`` for rejects' locations, ``where:line``) and
+    quarantines the rest. Used by sources that tail growing files."""
+    check_zone(default_tz)
+    pool = ThreadPoolExecutor(max_workers=min(_THREADS, os.cpu_count() or 1))
+    context = _Context(1 << 30, quarantine, default_tz, pool)
+
+    def parse(data: bytes, where: str, first_line: int, count: int) -> pl.DataFrame:
+        buffer = bytearray(data)
+        if buffer.startswith(_BOM) and first_line == 1:
+            buffer[:3] = b"   "
+        newlines = np.flatnonzero(np.frombuffer(bytes(buffer), dtype=np.uint8) == 0x0A)
+        if not buffer.endswith(b"\n"):
+            buffer.extend(b"\n")
+            newlines = np.append(newlines, len(buffer) - 1)
+        piece = _Lines(buffer, len(buffer), first_line, newlines, count)
+        spans, attempts = _start(piece, pool)
+        return _finish(_collect(piece, spans, attempts), where, context)
+
+    return parse
