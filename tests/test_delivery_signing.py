@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from detector.errors import ConfigError
-from detector.sinks.outbox import Alert, Backoff, parse_retry_after
+from detector.sinks.outbox import Alert, Backoff
 from detector.sinks.webhook import (
     SignatureError,
     WebhookSender,
     body_bytes,
     decode_secret,
+    parse_retry_after,
     sign,
     verify,
 )
@@ -169,3 +170,23 @@ def test_backoff_delay_is_positive_and_bounded(attempt: int, seed: int,
     assert 0 < delay <= 3600.0
     if retry_after is not None:
         assert delay >= min(retry_after, 3600.0)
+
+
+def test_the_receiver_checks_signatures_when_given_a_secret() -> None:
+    from detector.sinks.receiver import WebhookReceiver
+
+    alert = Alert("alr_1", "hook", "incident.opened", "inc_1", {"type": "incident.opened"}, 0,
+                  datetime.now(UTC))
+    with WebhookReceiver(secrets=[SECRET]) as rx:
+        wrong = WebhookSender("hook", rx.url, [OTHER_SECRET])
+        right = WebhookSender("hook", rx.url, [OTHER_SECRET, SECRET])  # during a rotation
+        try:
+            refused = wrong.send(alert)
+            accepted = right.send(alert)
+        finally:
+            wrong.close()
+            right.close()
+    assert (refused.delivered, refused.outcome, refused.status) == (False, "http_error", 401)
+    assert (accepted.delivered, accepted.outcome, accepted.status) == (True, "success", 200)
+    assert [r.verified for r in rx.requests()] == [False, True]
+    assert list(rx.deliveries_by_id()) == ["alr_1"] and len(rx.successes()) == 1

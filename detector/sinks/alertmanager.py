@@ -32,17 +32,10 @@ import sqlalchemy as sa
 import structlog
 
 from detector.sinks.metrics import Metrics
-from detector.sinks.outbox import (
-    DEFAULT_TIMEOUT,
-    Clock,
-    as_utc,
-    http_client,
-    post,
-    utc_now,
-)
+from detector.sinks.outbox import Clock, as_utc, utc_now
 from detector.sinks.slack import incident_link
 from detector.sinks.tables import incidents
-from detector.sinks.webhook import USER_AGENT
+from detector.sinks.webhook import DEFAULT_TIMEOUT, USER_AGENT, http_client, post
 
 log = structlog.get_logger("exfilwatch.delivery")
 

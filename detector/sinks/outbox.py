@@ -5,8 +5,8 @@ transaction as the incident update that raised it. An :class:`OutboxWorker` then
 rows of one sink through a :class:`Sender`:
 
 1. pick the rows that are due (``next_attempt_at <= now``, oldest due first, then oldest created);
-2. claim one with a compare-and-set on ``next_attempt_at`` (a lease of ``lease`` seconds), so two
-   workers on one PostgreSQL store never send the same row at the same time;
+2. claim one by moving its ``next_attempt_at`` a lease of ``lease`` seconds ahead, only if it is
+   still due, so two workers on one PostgreSQL store never send the same row at the same time;
 3. send it with no transaction open;
 4. record the result: ``delivered_at`` on success; otherwise ``attempts + 1`` and a new
    ``next_attempt_at`` from the :class:`Backoff` (full jitter, capped, at least the receiver's
@@ -22,7 +22,6 @@ of trying every queued alert against a receiver that is down.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 
-import httpx
 import sqlalchemy as sa
 import structlog
 
@@ -48,8 +46,7 @@ HTTP_ERROR: Final = "http_error"  # any other non-2xx answer
 NETWORK_ERROR: Final = "network_error"  # no answer: refused, reset, timed out
 OUTCOMES: Final = (SUCCESS, RETRY, HTTP_ERROR, NETWORK_ERROR)
 
-DEFAULT_TIMEOUT: Final = httpx.Timeout(10.0, connect=5.0)
-_MAX_ERROR_CHARS: Final = 500
+MAX_ERROR_CHARS: Final = 500
 
 
 def utc_now() -> datetime:
@@ -92,54 +89,15 @@ class Result:
         return self.outcome in (RETRY, NETWORK_ERROR)
 
     @classmethod
-    def from_response(
-        cls, response: httpx.Response, *, now: datetime, max_retry_after: float
-    ) -> Result:
-        """Classify an HTTP answer: 2xx is delivered; anything else is retried."""
-        status = response.status_code
-        if 200 <= status < 300:
-            return cls(True, SUCCESS, status)
-        retry_after = parse_retry_after(
-            response.headers.get("retry-after"), now=now, maximum=max_retry_after
-        )
-        outcome = RETRY if status in (429, 503) or retry_after is not None else HTTP_ERROR
-        reason = response.reason_phrase or "error"
-        detail = _short(response.text) if outcome == HTTP_ERROR else ""
-        error = f"HTTP {status} {reason}" + (f": {detail}" if detail else "")
-        return cls(False, outcome, status, error, retry_after)
-
-    @classmethod
     def from_exception(cls, exc: Exception) -> Result:
         """A send that got no answer."""
-        return cls(False, NETWORK_ERROR, None, _short(f"{type(exc).__name__}: {exc}"))
+        return cls(False, NETWORK_ERROR, None, short_error(f"{type(exc).__name__}: {exc}"))
 
 
-def _short(text: str) -> str:
+def short_error(text: str) -> str:
+    """``text`` on one line, cut to :data:`MAX_ERROR_CHARS` (for ``last_error`` and logs)."""
     text = " ".join(text.split())
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
-
-
-def parse_retry_after(value: str | None, *, now: datetime, maximum: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date), within
-    ``[0, maximum]``; None when absent or unreadable. Never raises."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        if text.isascii() and text.isdigit():
-            seconds = float(int(text[:12]))
-        else:
-            when = email.utils.parsedate_to_datetime(text)
-            if when.tzinfo is None:  # an HTTP-date is always GMT
-                when = when.replace(tzinfo=UTC)
-            seconds = (when - now).total_seconds()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), max(maximum, 0.0))
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +153,7 @@ class OutboxWorker:
         rng: random.Random | None = None,
         backoff: Backoff | None = None,
         poll_interval: float = 5.0,
-        lease: float = 60.0,
+        lease: float = 30.0,
         batch_size: int = 100,
     ) -> None:
         self.engine = engine
@@ -265,7 +223,7 @@ class OutboxWorker:
                 self._pass(honour_hold=True)
                 wait = self._seconds_to_next()
             except Exception as exc:  # the store is unreachable: keep trying, never die
-                log.error("outbox_pass_failed", sink=self.sink, error=_short(str(exc)))
+                log.error("outbox_pass_failed", sink=self.sink, error=short_error(str(exc)))
                 wait = self.poll_interval
             self._wake.wait(wait)
 
@@ -324,7 +282,7 @@ class OutboxWorker:
             claimed = conn.execute(
                 outbox.update()
                 .where(*self._row(row.id), outbox.c.delivered_at.is_(None))
-                .where(outbox.c.next_attempt_at == row.next_attempt_at)
+                .where(outbox.c.next_attempt_at <= now)  # still due: nobody else claimed it
                 .values(next_attempt_at=lease_until)
             ).rowcount
         if claimed != 1:
@@ -404,27 +362,5 @@ class OutboxWorker:
         if next_due is None:
             return self.poll_interval
         target = max(next_due, self._hold_until) if self._hold_until is not None else next_due
-        return min(max((target - now).total_seconds(), 0.0), self.poll_interval)
+        return min(max((target - now).total_seconds(), 0.01), self.poll_interval)
 
-
-def http_client(timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.Client:
-    """A client for one sender: bounded timeouts, no redirects followed (a redirect is an
-    answer to fix in the configuration, not to chase with a signed body)."""
-    return httpx.Client(timeout=timeout, follow_redirects=False)
-
-
-def post(
-    client: httpx.Client,
-    url: str,
-    content: bytes,
-    headers: Mapping[str, str],
-    *,
-    clock: Clock = utc_now,
-    max_retry_after: float = 86_400.0,
-) -> Result:
-    """POST ``content`` once and classify the answer; never raises for a delivery failure."""
-    try:
-        response = client.post(url, content=content, headers=dict(headers))
-    except httpx.HTTPError as exc:
-        return Result.from_exception(exc)
-    return Result.from_response(response, now=clock(), max_retry_after=max_retry_after)

@@ -12,8 +12,8 @@ from typing import Any, Final
 
 import httpx
 
-from detector.sinks.outbox import DEFAULT_TIMEOUT, Alert, Clock, Result, http_client, post, utc_now
-from detector.sinks.webhook import USER_AGENT, body_bytes
+from detector.sinks.outbox import Alert, Clock, Result, utc_now
+from detector.sinks.webhook import DEFAULT_TIMEOUT, USER_AGENT, body_bytes, http_client, post
 
 TITLES: Final = {
     "incident.opened": "New incident",

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import hashlib
 import hmac
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
@@ -29,12 +31,13 @@ import orjson
 from detector import __version__
 from detector.errors import ConfigError, ExfilwatchError
 from detector.sinks.outbox import (
-    DEFAULT_TIMEOUT,
+    HTTP_ERROR,
+    RETRY,
+    SUCCESS,
     Alert,
     Clock,
     Result,
-    http_client,
-    post,
+    short_error,
     utc_now,
 )
 
@@ -43,7 +46,76 @@ MIN_KEY_BYTES: Final = 24  # the specification's recommended range: 24 to 64 byt
 MAX_KEY_BYTES: Final = 64
 TOLERANCE_SECONDS: Final = 300
 USER_AGENT: Final = f"exfilwatch/{__version__}"
+DEFAULT_TIMEOUT: Final = httpx.Timeout(10.0, connect=5.0)
 _RESERVED: Final = frozenset({"webhook-id", "webhook-timestamp", "webhook-signature"})
+
+
+# -- HTTP delivery, shared by every HTTP sink ----------------------------------------------
+
+
+def http_client(timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.Client:
+    """A client for one sender: bounded timeouts, no redirects followed (a redirect is an
+    answer to fix in the configuration, not to chase with a signed body)."""
+    return httpx.Client(timeout=timeout, follow_redirects=False)
+
+
+def parse_retry_after(value: str | None, *, now: datetime, maximum: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP-date), within
+    ``[0, maximum]``; None when absent or unreadable. Never raises."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        if text.isascii() and text.isdigit():
+            seconds = float(int(text[:12]))
+        else:
+            when = email.utils.parsedate_to_datetime(text)
+            if when.tzinfo is None:  # an HTTP-date is always GMT
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - now).total_seconds()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), max(maximum, 0.0))
+
+
+def response_result(response: httpx.Response, *, now: datetime, max_retry_after: float) -> Result:
+    """Classify an HTTP answer: 2xx is delivered; anything else is retried, as ``retry`` when
+    the receiver asked to come back later (429, 503, Retry-After), else ``http_error``."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return Result(True, SUCCESS, status)
+    retry_after = parse_retry_after(
+        response.headers.get("retry-after"), now=now, maximum=max_retry_after
+    )
+    outcome = RETRY if status in (429, 503) or retry_after is not None else HTTP_ERROR
+    reason = response.reason_phrase or "error"
+    detail = short_error(response.text) if outcome == HTTP_ERROR else ""
+    error = f"HTTP {status} {reason}" + (f": {detail}" if detail else "")
+    return Result(False, outcome, status, error, retry_after)
+
+
+def post(
+    client: httpx.Client,
+    url: str,
+    content: bytes,
+    headers: Mapping[str, str],
+    *,
+    clock: Clock = utc_now,
+    max_retry_after: float = 86_400.0,
+) -> Result:
+    """POST ``content`` once and classify the answer; never raises for a delivery failure."""
+    try:
+        response = client.post(url, content=content, headers=dict(headers))
+    except httpx.HTTPError as exc:
+        return Result.from_exception(exc)
+    return response_result(response, now=clock(), max_retry_after=max_retry_after)
+
+
+# -- Standard Webhooks signing -----------------------------------------------------------
 
 
 class SignatureError(ExfilwatchError):
