@@ -410,6 +410,89 @@ def models_promote(
     out.print(f"{name}@{alias} -> {version}")
 
 
+# ------------------------------------------------------------------------------------ serve
+config_app = typer.Typer(help="Service configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config (default: built-in).")
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Also read events from stdin; exit when it ends.")
+    ] = False,
+    stdin_format: Annotated[
+        str, typer.Option(help="Format of stdin lines: canonical or an audit-log adapter name.")
+    ] = "canonical",
+) -> None:
+    """Watch the sources, score events as they arrive, keep incidents, deliver alerts.
+
+    With no config: reads ./spool, model models/default (its `current` version), state in
+    ./var (SQLite), API on 127.0.0.1:8080.
+    """
+    from detector import config as cfg
+    from detector import logs
+    from detector import serve as server
+
+    settings = cfg.load(config)
+    logs.configure(settings.log_level)
+    _preflight(settings, stdin_format if stdin else None)
+    raise typer.Exit(server.run(settings, stdin_format=stdin_format if stdin else None))
+
+
+def _preflight(settings: Any, stdin_format: str | None) -> list[str]:
+    """Problems that stop the service before it starts, all at once (ConfigError)."""
+    from detector import formats
+    from detector.errors import ConfigError
+    from detector.scoring import artefact as store
+
+    problems = []
+    names = [src.format for src in settings.sources] + ([stdin_format] if stdin_format else [])
+    for i, name in enumerate(names):
+        if name not in formats.FORMATS:
+            where = f"sources.{i}.format" if i < len(settings.sources) else "--stdin-format"
+            problems.append(
+                f"{where}: unknown format {name!r}; valid: {', '.join(formats.FORMATS)}"
+            )
+    if not settings.store_url.startswith(("sqlite", "postgresql")):
+        problems.append("store.url: only sqlite:/// and postgresql+psycopg:// URLs are supported")
+    try:
+        store.resolve(settings.models_dir / settings.model)
+    except ExfilwatchError as exc:
+        problems.append(f"model: {exc}")
+    if problems:
+        raise ConfigError("\n".join([f"{len(problems)} problem(s):", *problems]))
+    return problems
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="The TOML config file to check.")],
+) -> None:
+    """Validate a config file and name every error; exit 0 when it is good."""
+    from detector import config as cfg
+
+    settings = cfg.load(file)
+    _preflight(settings, None)
+    table = Table(title=f"{file}: OK")
+    table.add_column("setting")
+    table.add_column("value")
+    table.add_row(
+        "api",
+        f"{settings.api.host}:{settings.api.port}"
+        + (" (token required for writes)" if settings.api.token else ""),
+    )
+    table.add_row("store", settings.store_url.split("@")[-1])
+    table.add_row("model", f"{settings.models_dir / settings.model}")
+    for src in settings.sources:
+        table.add_row(f"source {src.name}", f"{src.path} ({src.format}, {src.pattern})")
+    for sink in settings.sinks:
+        table.add_row(f"sink {sink.name}", f"{sink.kind} {sink.url}")
+    out.print(table)
+
+
 def main() -> None:
     """Console entry point: errors print one line and exit 2, never a traceback."""
     try:

@@ -80,6 +80,17 @@ snapshots: Final = sa.Table(
     sa.Column("created_at", TS, nullable=False),
 )
 
+#: The read log: for every committed micro-batch, what was read from where, in order. Replaying
+#: the reads after the latest snapshot rebuilds the feature state exactly (see live.py).
+batches: Final = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("reads", sa.JSON, nullable=False),
+    sa.Column("events", sa.BigInteger, nullable=False),
+    sa.Column("committed_at", TS, nullable=False),
+)
+
 #: Analyst verdicts kept for retraining; ``suppress_until`` silences re-alerts on the pattern.
 feedback: Final = sa.Table(
     "feedback",
@@ -88,6 +99,7 @@ feedback: Final = sa.Table(
     sa.Column("incident_id", sa.String(64), nullable=False),
     sa.Column("verdict", sa.String(16), nullable=False),  # false_positive | acknowledged
     sa.Column("pattern", sa.Text, nullable=False),
+    sa.Column("tables", sa.JSON, nullable=False),
     sa.Column("comment", sa.Text, nullable=True),
     sa.Column("by", sa.Text, nullable=True),
     sa.Column("created_at", TS, nullable=False),

@@ -1,0 +1,228 @@
+"""Service settings: embedded defaults, a TOML file, then ``EXFILWATCH_*`` environment variables.
+
+Every field has a default, so ``exfilwatch serve`` runs with no file at all. Later layers win:
+defaults < TOML file < environment. Nested fields use ``__`` in environment names, e.g.
+``EXFILWATCH_API__TOKEN`` or ``EXFILWATCH_STORE__URL``. Unknown keys are errors, so a typo in a
+config file is reported instead of silently ignored; :func:`check` names every error at once.
+
+Example (every key optional)::
+
+    [api]
+    host = "127.0.0.1"
+    port = 8080
+    token = "change-me"          # writes need "Authorization: Bearer change-me"
+
+    [store]
+    url = "postgresql+psycopg://exfilwatch@127.0.0.1:5432/exfilwatch"
+
+    [[sources]]
+    name = "spool"
+    kind = "directory"
+    path = "spool"
+
+    [[sinks]]
+    name = "soc"
+    kind = "webhook"
+    url = "https://soc.example.com/hooks/exfilwatch"
+    secret = "whsec_..."
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from detector.errors import ConfigError
+
+ENV_PREFIX = "EXFILWATCH_"
+SEVERITIES = ("low", "medium", "high", "critical")
+ALERT_KINDS = ("incident.opened", "incident.escalated", "incident.resolved")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address to listen on (loopback by default).")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    token: str | None = Field(
+        None, description="Bearer token required by every write (ingest, ack, promote)."
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest POST /v1/events body accepted."
+    )
+    external_url: str | None = Field(
+        None, description="Base URL at which people reach this API; used in alert links."
+    )
+
+
+class StoreSettings(_Strict):
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the state store; default SQLite at "
+        "<state_dir>/exfilwatch.db. PostgreSQL: postgresql+psycopg://user@host:5432/db.",
+    )
+
+
+class DirectorySource(_Strict):
+    """Files dropped into (or written in) a directory: Parquet and compressed JSON lines are
+    read once; plain JSON lines and audit logs are tailed, following rotation."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    kind: Literal["directory"] = "directory"
+    path: Path
+    format: str = Field(
+        "canonical",
+        description="canonical (Parquet / JSON lines by suffix) or an audit-log adapter name.",
+    )
+    pattern: str = Field("*", description="Glob for the files to read, relative to path.")
+    default_tz: str | None = Field(None, description="Zone for naive timestamps (else rejected).")
+    options: dict[str, str] = Field(
+        default_factory=dict, description="Adapter options, e.g. log_line_prefix."
+    )
+
+
+SourceSettings = Annotated[DirectorySource, Field(discriminator="kind")]
+
+
+class _SinkBase(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    kinds: tuple[str, ...] = Field(ALERT_KINDS, description="Alert kinds sent to this sink.")
+    min_severity: Literal["low", "medium", "high", "critical"] = "low"
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [k for k in value if k not in ALERT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown alert kind {unknown}; valid: {', '.join(ALERT_KINDS)}")
+        return value
+
+
+class WebhookSink(_SinkBase):
+    kind: Literal["webhook"] = "webhook"
+    url: str
+    secret: str = Field(
+        description="Standard Webhooks secret (whsec_...); several separated by spaces, for "
+        "rotation. Prefer EXFILWATCH_SINKS__<n>__SECRET or a mounted file over the config file."
+    )
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class SlackSink(_SinkBase):
+    kind: Literal["slack"] = "slack"
+    url: str
+
+
+class AlertmanagerSink(_SinkBase):
+    kind: Literal["alertmanager"] = "alertmanager"
+    url: str = Field(description="Alertmanager base URL, e.g. http://127.0.0.1:9093.")
+    interval_s: float = Field(30.0, gt=0, description="How often open incidents are re-sent.")
+
+
+SinkSettings = Annotated[WebhookSink | SlackSink | AlertmanagerSink, Field(discriminator="kind")]
+
+
+class PipelineSettings(_Strict):
+    batch_events: int = Field(20_000, ge=1, description="Flush a micro-batch at this many events.")
+    batch_delay_s: float = Field(
+        0.25, gt=0, description="...or when its oldest event has waited this long."
+    )
+    queue_events: int = Field(
+        200_000, ge=1, description="Events held between sources and scoring (backpressure)."
+    )
+    read_events: int = Field(10_000, ge=1, description="Events per read from a file.")
+    poll_s: float = Field(0.1, gt=0, description="How often directories are scanned.")
+    snapshot_every_s: float = Field(
+        30.0, gt=0, description="Feature-state snapshot interval (bounds restart replay)."
+    )
+
+
+class IncidentSettings(_Strict):
+    resolve_after_s: float = Field(
+        3600.0, gt=0, description="An incident quiet this long (event time or wall time) resolves."
+    )
+    suppress_false_positive_s: float = Field(
+        7 * 86400.0, ge=0, description="A false-positive verdict silences its pattern this long."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole service configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = Field(Path("var"), description="Where the service keeps its state.")
+    models_dir: Path = Field(Path("models"), description="Model root.")
+    model: str = Field("default", description="Model name; the version its `current` names.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api: ApiSettings = ApiSettings()
+    store: StoreSettings = StoreSettings()
+    sources: list[SourceSettings] = Field(
+        default_factory=lambda: [DirectorySource(name="spool", path=Path("spool"))]
+    )
+    sinks: list[SinkSettings] = Field(default_factory=list)
+    pipeline: PipelineSettings = PipelineSettings()
+    incidents: IncidentSettings = IncidentSettings()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        for what, names in (
+            ("source", [s.name for s in self.sources]),
+            ("sink", [s.name for s in self.sinks]),
+        ):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.state_dir / 'exfilwatch.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # environment over file values (passed as init kwargs) over defaults
+        return (env_settings, init_settings)
+
+
+def load(path: Path | None = None) -> Settings:
+    """Settings from the TOML file at ``path`` (if any) and the environment. ConfigError lists
+    every problem, each with the key it concerns."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, path)) from None
+
+
+def describe(exc: ValidationError, path: Path | None) -> str:
+    """One line per problem: ``<where>: <key.path>: <message>``."""
+    where = str(path) if path is not None else "configuration"
+    lines = [f"{exc.error_count()} error(s) in {where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {key}: {err['msg']}")
+    return "\n".join(lines)

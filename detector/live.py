@@ -1,0 +1,670 @@
+"""The live pipeline: sources -> micro-batches -> features and model -> incidents and alerts.
+
+Like :mod:`detector.pipeline` for batch work, this is the one place that knows the order of
+the live stages. Two threads do the work: a reader scans the sources and puts :class:`Read`
+units on a queue bounded in events; the scorer takes them, forms a micro-batch (flushed at
+``batch_events`` events or when its oldest read has waited ``batch_delay_s``), scores it with
+the same :class:`~detector.pipeline.Scorer` as ``exfilwatch score`` and commits, in ONE store
+transaction, the incident updates, the alerts they raise (to the outbox), the new source
+positions and the batch's entry in the read log.
+
+Restart is exact: feature state is snapshotted every ``snapshot_every_s`` (files first, then
+the row naming them); on start the latest snapshot is loaded and the reads logged after it are
+read again and fed to the features only, which rebuilds the state the last commit had, because
+the feature engine gives the same rows however a stream is cut into batches. Processing then
+continues from the committed positions, so a kill -9 at any point neither loses an event nor
+counts one twice, and alert ids are derived, so no alert is raised twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import structlog
+
+from detector import formats, schema
+from detector.config import Settings
+from detector.errors import ModelError
+from detector.incidents import merge
+from detector.pipeline import Scorer, state_end
+from detector.quarantine import Quarantine
+from detector.scoring import artefact as store_models
+from detector.sinks import delivery, tables
+from detector.sinks.metrics import Metrics
+from detector.sinks.store import Route, Snapshot, Store
+from detector.sources.directory import DirectorySource, Read
+from detector.sources.journal import HttpIngest, Journal
+
+log = structlog.get_logger("exfilwatch.live")
+
+_SERVICE = "_service"  # the positions row holding the service's own settings
+_RESOLVE_EVERY_S = 5.0
+_MODEL_CHECK_S = 2.0
+_WARMUP = timedelta(hours=24)
+
+
+class Busy(Exception):
+    """The ingest backlog is full; try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"ingest backlog full; retry after {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class ReadQueue:
+    """Reads waiting to be scored, bounded by the number of events they hold."""
+
+    def __init__(self, capacity: int, metrics: Metrics) -> None:
+        self.capacity = capacity
+        self._items: deque[tuple[float, Read]] = deque()
+        self._events = 0
+        self._cond = threading.Condition()
+        self._metrics = metrics
+        self.holding = 0  # events taken and not yet committed
+
+    def put(self, read: Read, stop: threading.Event) -> bool:
+        with self._cond:
+            while self._events and self._events + read.events.height > self.capacity:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self._items.append((time.monotonic(), read))
+            self._events += read.events.height
+            self._metrics.queue_depth.labels("scoring").set(self._events)
+            self._cond.notify_all()
+            return True
+
+    def take(
+        self, max_events: int, max_delay: float, stop: threading.Event, idle: float = 1.0
+    ) -> list[Read]:
+        """Reads forming the next micro-batch; empty when nothing came for ``idle`` seconds
+        or when stopping with nothing queued."""
+        give_up = time.monotonic() + idle
+        with self._cond:
+            while not self._items:
+                if stop.is_set() or time.monotonic() >= give_up:
+                    return []
+                self._cond.wait(0.1)
+            oldest = self._items[0][0]
+            while self._events < max_events and not stop.is_set():
+                left = oldest + max_delay - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            out: list[Read] = []
+            size = 0
+            while self._items and (not out or size + self._items[0][1].events.height <= max_events):
+                _, read = self._items.popleft()
+                out.append(read)
+                size += read.events.height
+            self._events -= size
+            self.holding = size
+            self._metrics.queue_depth.labels("scoring").set(self._events)
+            self._cond.notify_all()
+            return out
+
+    @property
+    def events(self) -> int:
+        return self._events
+
+
+@dataclass
+class Health:
+    model_loaded: bool = False
+    store_ok: bool = False
+    sources_running: bool = False
+    stopping: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+class Service:
+    """One running exfilwatch: construct, :meth:`start`, feed, :meth:`stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        stdin_format: str | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.stdin_format = stdin_format
+        self.health = Health()
+        self.state_dir = settings.state_dir
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._workers: list[Any] = []
+        self._sources: dict[str, DirectorySource] = {}
+        self._formats: dict[str, str] = {}
+        self._journal_backlog = 0
+        self._backlog_lock = threading.Lock()
+        self._idle_passes = 0
+
+    # ================================================================== start
+    def start(self) -> None:
+        s = self.settings
+        for sub in ("journal/http", "journal/stdin", "snapshots", "quarantine", "tmp"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self.quarantine = Quarantine(self.state_dir / "quarantine" / "rejected.jsonl")
+        engine = tables.create_engine(s.store_url)
+        routes = [
+            Route(k.name, tuple(k.kinds), merge.SEVERITY_RANK[k.min_severity])
+            for k in s.sinks
+            if k.kind != "alertmanager"
+        ]
+        self.store = Store(engine, routes, clock=self.clock)
+        self.store.ping()
+        self.health.store_ok = True
+        self._load_model()
+        self._make_sources()
+        self._restore()
+        self._start_delivery()
+        self.queue = ReadQueue(s.pipeline.queue_events, self.metrics)
+        self._spawn("reader", self._read_loop)
+        self._spawn("scorer", self._score_loop)
+        self.health.sources_running = True
+        log.info(
+            "service_started",
+            model=self.scorer.artefact.ref,
+            store=engine.dialect.name,
+            sources=sorted(self._sources),
+            batch=self.seq,
+        )
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=self._guard(name, target), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception as exc:  # a dead stage must show in /readyz, not vanish
+                log.exception("stage_failed", stage=name, error=str(exc))
+                self.health.problems.append(f"{name} stopped: {exc}")
+                self.health.sources_running = False
+
+        return run
+
+    # ------------------------------------------------------------------ model
+    def _model_dir(self) -> Path:
+        return self.settings.models_dir / self.settings.model
+
+    def _load_model(self) -> None:
+        art = store_models.load(self._model_dir())
+        self.scorer = Scorer(art, continue_state=True)
+        self._model_version = art.path.name
+        self._model_checked = time.monotonic()
+        self._publish_model()
+        self.health.model_loaded = True
+
+    def _publish_model(self) -> None:
+        art = self.scorer.artefact
+        self.metrics.model_info.clear()
+        self.metrics.model_info.labels(
+            self.settings.model, art.path.name, art.metadata["feature_spec_hash"][:12]
+        ).set(1)
+        created = art.metadata.get("created_at")
+        if created:
+            self.metrics.model_trained.set(datetime.fromisoformat(created).timestamp())
+
+    def _maybe_reload_model(self) -> None:
+        if time.monotonic() - self._model_checked < _MODEL_CHECK_S:
+            return
+        self._model_checked = time.monotonic()
+        try:
+            version = store_models.resolve(self._model_dir()).name
+        except ModelError as exc:
+            log.warning("model_alias_unreadable", error=str(exc))
+            return
+        if version == self._model_version:
+            return
+        try:
+            art = store_models.load(self._model_dir())
+            fresh = Scorer(art, continue_state=False)
+        except ModelError as exc:
+            self.metrics.model_reloads.labels("failed").inc()
+            log.error("model_reload_failed", version=version, error=str(exc))
+            self._model_version = version  # do not retry a broken version every pass
+            return
+        if fresh.engine.spec_hash == self.scorer.engine.spec_hash:
+            fresh.engine = self.scorer.engine  # same features: keep what was learnt live
+        else:
+            fresh.engine.load_state(art.path)
+            log.warning("model_feature_spec_changed", version=version)
+        self.scorer, self._model_version = fresh, version
+        self._publish_model()
+        self.metrics.model_reloads.labels("success").inc()
+        log.info("model_reloaded", model=art.ref)
+
+    # ------------------------------------------------------------------ sources
+    def _make_sources(self) -> None:
+        saved: dict[str, dict[str, dict[str, Any]]] = {}
+        for (source, key), pos in self.store.positions().items():
+            saved.setdefault(source, {})[key] = pos
+        self._service_pos = saved.get(_SERVICE, {})
+        read = self.settings.pipeline.read_events
+
+        def make(
+            name: str, path: Path, fmt: str, pattern: str, tz: str | None, options: dict[str, str]
+        ) -> None:
+            make_feeder = formats.factory(fmt)
+            self._formats[name] = fmt
+            self._sources[name] = DirectorySource(
+                name,
+                path,
+                pattern=pattern,
+                default_tz=tz,
+                read_events=read,
+                make_feeder=lambda where, line: make_feeder(where, line, tz, options),
+                positions=saved.get(name),
+                quarantine=self.quarantine,
+                on_reject=self._rejected(name),
+            )
+
+        for src in self.settings.sources:
+            src.path.mkdir(parents=True, exist_ok=True)
+            make(src.name, src.path, src.format, src.pattern, src.default_tz, src.options)
+        make("http", self.state_dir / "journal/http", "canonical", "*", None, {})
+        self.http = HttpIngest(
+            Journal(self.state_dir / "journal/http", ".parquet"),
+            self.quarantine,
+            self.state_dir / "tmp",
+            on_reject=self._rejected("http"),
+        )
+        if self.stdin_format is not None:
+            make("stdin", self.state_dir / "journal/stdin", self.stdin_format, "*", None, {})
+            self.stdin_journal = Journal(self.state_dir / "journal/stdin", ".log")
+
+    def _rejected(self, source: str) -> Callable[[pl.DataFrame], None]:
+        def count(rejects: pl.DataFrame) -> None:
+            for reason, n in rejects.group_by("reason").len().iter_rows():
+                self.metrics.events_rejected.labels(source, reason).inc(n)
+
+        return count
+
+    # ------------------------------------------------------------------ restore
+    def _restore(self) -> None:
+        """Load the latest snapshot and replay the read log after it (features only)."""
+        self.seq = self.store.last_batch()
+        warm = self._service_pos.get("warmup", {}).get("until")
+        self.warm_until = datetime.fromisoformat(warm) if warm else None
+        self._decided_warmup = "warmup" in self._service_pos
+        snap = self.store.latest_snapshot()
+        after = 0
+        if snap is not None:
+            try:
+                self.scorer.engine.load_state(Path(snap.path))
+                after = snap.seq
+            except ModelError as exc:
+                log.warning("snapshot_unusable", path=snap.path, error=str(exc))
+        elif self._decided_warmup and self.warm_until is not None:
+            self.scorer = Scorer(self.scorer.artefact, continue_state=False)
+        replayed, missing = 0, 0
+        for _seq, reads in self.store.reads_after(after):
+            for entry in reads:
+                source = self._sources.get(entry["source"])
+                try:
+                    if source is None:
+                        raise FileNotFoundError(entry["source"])
+                    frame = source.reread(entry)
+                except OSError:
+                    missing += 1
+                    continue
+                if frame.height:
+                    self.scorer.engine.update(frame)
+                    replayed += frame.height
+        if missing:
+            log.warning("replay_incomplete", reads_missing=missing)
+        log.info("state_restored", snapshot=snap.seq if snap else None, replayed_events=replayed)
+        self._last_snapshot = time.monotonic()
+        self._last_resolve = 0.0
+
+    # ------------------------------------------------------------------ reading
+    def _read_loop(self) -> None:
+        poll = self.settings.pipeline.poll_s
+        while not self._stop.is_set():
+            got = False
+            for source in list(self._sources.values()):
+                for read in source.scan():
+                    if read.events.height:
+                        got = True
+                        if source.name != "http":  # counted when the request was accepted
+                            self.metrics.events_ingested.labels(
+                                source.name, self._formats[source.name]
+                            ).inc(read.events.height)
+                    if not self.queue.put(read, self._stop):
+                        return
+                    if self._stop.is_set():
+                        return
+            self._idle_passes = 0 if got else self._idle_passes + 1
+            if not got:
+                self._stop.wait(poll)
+
+    # ------------------------------------------------------------------ scoring
+    def _score_loop(self) -> None:
+        p = self.settings.pipeline
+        while True:
+            reads = self.queue.take(p.batch_events, p.batch_delay_s, self._stop)
+            if not reads:
+                if self._stop.is_set():
+                    return
+                self._housekeeping()
+                continue
+            try:
+                self.process(reads)
+                self._housekeeping()
+            finally:
+                self.queue.holding = 0
+
+    def process(self, reads: list[Read]) -> None:
+        """Score one micro-batch and commit everything it changes."""
+        started = time.perf_counter()
+        frames = [r.events for r in reads if r.events.height]
+        events = pl.concat(frames) if frames else schema.empty_events()
+        pieces: list[dict[str, Any]] = []
+        if events.height:
+            self._decide_warmup(events)
+            anomalies = self.scorer.anomalies(events, self.warm_until)
+            self.metrics.anomalies.inc(anomalies.height)
+            pieces = self.scorer.incidents(anomalies) if anomalies.height else []
+            last = events["event_time"].max()
+            if isinstance(last, datetime):
+                self.watermark = max(getattr(self, "watermark", last), last)
+        positions = {(r.source, r.key): r.end for r in reads}
+        logged = [r.log_entry() for r in reads if r.events.height]
+        self.seq += 1
+        opened: list[dict[str, Any]] = []
+        with self.store.transaction() as tx:
+            opened = self._apply(tx, pieces)
+            tx.set_positions(positions)
+            if logged:
+                tx.add_batch(self.seq, logged, events.height)
+        self._after_commit(reads, events, opened, started)
+
+    def _decide_warmup(self, events: pl.DataFrame) -> None:
+        """Once, on the first events ever: logs older than the model's training window (a
+        replay of history) start from empty state and raise nothing for their first day."""
+        if self._decided_warmup:
+            return
+        first = events["event_time"].min()
+        ended = state_end(self.scorer.artefact)
+        if (
+            isinstance(first, datetime)
+            and ended is not None
+            and first < ended - timedelta(minutes=5)
+        ):
+            self.scorer = Scorer(self.scorer.artefact, continue_state=False)
+            self.warm_until = first + _WARMUP
+            log.info("history_replay_warmup", until=self.warm_until.isoformat())
+        until = self.warm_until.isoformat() if self.warm_until else None
+        self._service_pos = {"warmup": {"until": until}}
+        with self.store.transaction() as tx:
+            tx.set_positions({(_SERVICE, "warmup"): {"until": until}})
+        self._decided_warmup = True
+
+    def _apply(self, tx: Any, pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not pieces:
+            return []
+        gap = self.scorer.gap_s
+        keys = sorted({p["group_key"] for p in pieces})
+        active = tx.active_incidents(keys)
+        verdicts = tx.suppressions(keys)
+        opened = []
+        for piece in pieces:
+            key = piece["group_key"]
+            current = active.get(key)
+            if current is not None and merge.extends(current, piece, gap):
+                folded = merge.fold(current, piece)
+                tx.save_incident(folded, new=False)
+                if current["status"] != "false_positive" and merge.escalated(current, folded):
+                    tx.add_alert("incident.escalated", folded, folded["severity"])
+                active[key] = folded
+                continue
+            doc = dict(piece)
+            match = next((v for v in verdicts.get(key, []) if merge.covered(doc, v[1])), None)
+            if match is not None:
+                doc["status"] = "false_positive"
+                doc["suppressed_by"] = {"feedback": match[0], "until": match[2]}
+                self.metrics.alerts_suppressed.inc()
+            tx.save_incident(doc, new=True)
+            if match is None:
+                tx.add_alert("incident.opened", doc)
+                opened.append(doc)
+            active[key] = doc
+        return opened
+
+    def _after_commit(
+        self, reads: list[Read], events: pl.DataFrame, opened: list[dict[str, Any]], started: float
+    ) -> None:
+        m = self.metrics
+        m.batches.inc()
+        m.batch_events.observe(events.height)
+        m.events_scored.inc(events.height)
+        m.batch_duration.observe(time.perf_counter() - started)
+        now = self.clock()
+        for doc in opened:
+            m.incidents_opened.labels(doc["severity"]).inc()
+            log.info(
+                "incident_opened",
+                incident=doc["id"],
+                severity=doc["severity"],
+                principal=doc["principal"],
+                rows_read=doc["rows_read"],
+            )
+        if events.height:
+            oldest = events["event_time"].min()
+            if isinstance(oldest, datetime):
+                m.lag.observe(max(0.0, (now - oldest).total_seconds()))
+            per_source: dict[str, float] = {}
+            for r in reads:
+                if r.events.height:
+                    newest = r.events["event_time"].max()
+                    if isinstance(newest, datetime):
+                        ts = newest.timestamp()
+                        per_source[r.source] = max(per_source.get(r.source, ts), ts)
+            for name, ts in per_source.items():
+                m.last_event.labels(name).set(ts)
+        journal = sum(r.events.height for r in reads if r.source == "http")
+        if journal:
+            with self._backlog_lock:
+                self._journal_backlog = max(0, self._journal_backlog - journal)
+        if opened:
+            self._wake_delivery()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_resolve >= _RESOLVE_EVERY_S:
+            self._last_resolve = now
+            self.resolve_idle()
+        if now - self._last_snapshot >= self.settings.pipeline.snapshot_every_s:
+            self.snapshot()
+        self._maybe_reload_model()
+
+    def resolve_idle(self) -> int:
+        """Resolve incidents quiet for ``resolve_after_s`` (event time or wall time)."""
+        quiet = timedelta(seconds=self.settings.incidents.resolve_after_s)
+        watermark = getattr(self, "watermark", None)
+        with self.store.transaction() as tx:
+            ids = tx.idle_incidents(watermark - quiet if watermark else None, tx.now - quiet)
+            for incident_id in ids:
+                self._resolve(tx, incident_id, "quiet for the resolve period", None)
+        if ids:
+            self._wake_delivery()
+        self._count_open()
+        return len(ids)
+
+    def _resolve(self, tx: Any, incident_id: str, comment: str | None, by: str | None) -> None:
+        tx.set_status(incident_id, "resolved", comment, by)
+        tx.add_alert("incident.resolved", tx.incident_doc(incident_id))
+
+    def _count_open(self) -> None:
+        counts = self.store.counts()
+        self.metrics.incidents_open.set(counts.get("open", 0) + counts.get("acknowledged", 0))
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> None:
+        """Write the feature state, then record it; older snapshots and covered journal files
+        go."""
+        started = time.perf_counter()
+        self._last_snapshot = time.monotonic()
+        root = self.state_dir / "snapshots"
+        tmp = Path(tempfile.mkdtemp(prefix=".snap-", dir=root))
+        self.scorer.engine.save_state(tmp)
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        final = root / f"{self.seq:012d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        positions = {name: src.positions() for name, src in self._sources.items()}
+        snap = Snapshot(
+            self.seq,
+            str(final),
+            self.scorer.artefact.ref,
+            positions,
+            self.scorer.engine.events_seen_,
+        )
+        for old in self.store.add_snapshot(snap):
+            shutil.rmtree(old, ignore_errors=True)
+        self._drop_covered_journal(positions)
+        self.metrics.snapshots.inc()
+        self.metrics.snapshot_duration.observe(time.perf_counter() - started)
+
+    def _drop_covered_journal(self, positions: dict[str, dict[str, dict[str, Any]]]) -> None:
+        for name in ("http", "stdin"):
+            src = self._sources.get(name)
+            if src is None:
+                continue
+            done = set()
+            for key, pos in positions.get(name, {}).items():
+                finished = pos.get("done") or (
+                    "offset" in pos
+                    and Path(pos.get("path", "")).exists()
+                    and Path(pos["path"]).stat().st_size == pos["offset"]
+                    and name == "stdin"
+                )
+                if finished:
+                    with contextlib.suppress(OSError):
+                        Path(pos["path"]).unlink()
+                    done.add(key)
+            src.forget(done)
+
+    # ------------------------------------------------------------------ delivery
+    def _start_delivery(self) -> None:
+        self._workers = delivery.start_workers(
+            self.settings,
+            self.store.engine,
+            self.metrics,
+            external_url=self.settings.api.external_url,
+        )
+
+    def _wake_delivery(self) -> None:
+        for worker in self._workers:
+            worker.wake()
+
+    # ------------------------------------------------------------------ API hooks
+    def ingest(self, body: bytes, kind: str, request_id: str) -> Any:
+        """Journal an HTTP body; Busy when the backlog is full."""
+        cap = self.settings.pipeline.queue_events
+        with self._backlog_lock:
+            if self._journal_backlog >= cap:
+                self.metrics.http_requests.labels("throttled").inc()
+                raise Busy(retry_after=max(1.0, self.settings.pipeline.batch_delay_s * 4))
+        result = self.http.ingest(body, kind, request_id)
+        with self._backlog_lock:
+            self._journal_backlog += result.accepted
+        self.metrics.events_ingested.labels("http", kind).inc(result.accepted)
+        self.metrics.http_requests.labels("accepted").inc()
+        return result
+
+    def set_status(
+        self, incident_id: str, status: str, comment: str | None, by: str | None
+    ) -> dict[str, Any] | None:
+        """Acknowledge, mark false positive or resolve an incident (None if unknown)."""
+        doc = self.store.incident(incident_id)
+        if doc is None:
+            return None
+        suppress = self.settings.incidents.suppress_false_positive_s
+        with self.store.transaction() as tx:
+            if status == "resolved":
+                self._resolve(tx, incident_id, comment, by)
+            else:
+                tx.set_status(incident_id, status, comment, by)
+            if status == "false_positive":
+                until = tx.now + timedelta(seconds=suppress) if suppress else None
+                tx.add_feedback(
+                    incident_id,
+                    status,
+                    merge.pattern(doc),
+                    doc.get("tables", []),
+                    comment,
+                    by,
+                    until,
+                )
+                tx.add_alert("incident.resolved", {**doc, "status": status})
+        self._wake_delivery()
+        self._count_open()
+        return self.store.incident(incident_id)
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            self.store.ping()
+            self.health.store_ok = True
+        except Exception as exc:  # the store being down is what readiness reports
+            self.health.store_ok = False
+            self.health.problems.append(f"store: {exc}")
+        alive = all(t.is_alive() for t in self._threads)
+        checks = {
+            "model_loaded": self.health.model_loaded,
+            "store_reachable": self.health.store_ok,
+            "sources_running": self.health.sources_running and alive and not self._stop.is_set(),
+        }
+        return all(checks.values()), {**checks, "problems": self.health.problems[-5:]}
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every source is read to its end and everything read is committed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.is_set():
+            self._idle_passes = 0
+            while self._idle_passes < 2 and not self._stop.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            if self.queue.events == 0 and self.queue.holding == 0 and self._idle_passes >= 2:
+                return True
+        return False
+
+    # ================================================================== stop
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain: stop reading, score and commit what is queued, snapshot, stop delivery."""
+        self.health.stopping = True
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            self.snapshot()
+        for worker in self._workers:
+            worker.stop(max(0.1, deadline - time.monotonic()))
+        self.quarantine.close()
+        self.store.engine.dispose()
+        log.info("service_stopped", batch=self.seq)

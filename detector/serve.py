@@ -1,0 +1,84 @@
+"""Run the service: the live pipeline, the API server and the stdin reader, until a signal."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import sys
+import threading
+import time
+from typing import IO, Any
+
+import structlog
+import uvicorn
+
+from detector.api.app import create_app
+from detector.config import Settings
+from detector.live import Service
+
+log = structlog.get_logger("exfilwatch.serve")
+
+_STDIN_SEGMENT_LINES = 10_000
+_STDIN_SEGMENT_S = 0.2
+
+
+def run(settings: Settings, *, stdin_format: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or, with stdin, until stdin ends and all of it is scored).
+    Returns the exit code."""
+    service = Service(settings, stdin_format=stdin_format)
+    service.start()
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.api.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.api.host, settings.api.port))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(service),
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    if stdin_format is not None:
+        threading.Thread(
+            target=_pump_stdin, args=(service, sys.stdin.buffer, server), name="stdin", daemon=True
+        ).start()
+    log.info("api_listening", host=settings.api.host, port=port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        log.info("draining")
+        service.stop()
+    return 0
+
+
+def _pump_stdin(service: Service, stream: IO[bytes], server: Any) -> None:
+    """Copy stdin into journal segments (on disk before anything is scored); at the end of
+    stdin, wait until everything is committed, then ask the server to stop."""
+    incoming: queue.Queue[bytes | None] = queue.Queue(maxsize=_STDIN_SEGMENT_LINES * 4)
+
+    def read() -> None:  # blocking reads in their own thread, so a quiet pipe still flushes
+        for line in stream:
+            incoming.put(line if line.endswith(b"\n") else line + b"\n")
+        incoming.put(None)
+
+    threading.Thread(target=read, name="stdin-read", daemon=True).start()
+    lines: list[bytes] = []
+    deadline = time.monotonic() + _STDIN_SEGMENT_S
+    ended = False
+    while not ended:
+        try:
+            item = incoming.get(timeout=max(0.0, deadline - time.monotonic()))
+            if item is None:
+                ended = True
+            else:
+                lines.append(item)
+        except queue.Empty:
+            pass
+        if lines and (ended or len(lines) >= _STDIN_SEGMENT_LINES or time.monotonic() >= deadline):
+            service.stdin_journal.write_bytes(b"".join(lines))
+            lines = []
+        if time.monotonic() >= deadline:
+            deadline = time.monotonic() + _STDIN_SEGMENT_S
+    service.wait_idle()
+    log.info("stdin_finished")
+    server.should_exit = True

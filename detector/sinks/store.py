@@ -1,0 +1,394 @@
+"""The state store: incidents, alert outbox, source positions, read log, snapshots, feedback.
+
+One :class:`Store` per process over SQLite (default) or PostgreSQL. The live pipeline writes a
+micro-batch's results through one :class:`Tx`, so incidents, the alerts they raise and the new
+source positions commit together or not at all. The API reads and changes incident status
+through the same store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from detector.sinks import tables as t
+
+Clock = Callable[[], datetime]
+STATUSES = ("open", "acknowledged", "false_positive", "resolved")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(value: Any) -> datetime:
+    """A timestamp from the store as an aware UTC datetime (SQLite hands back naive ones)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def alert_id(incident_id: str, kind: str, detail: str = "") -> str:
+    """The alert's id (the webhook-id on every delivery attempt): derived, so reprocessing the
+    same events cannot mint a second alert."""
+    digest = hashlib.sha256(f"{incident_id}|{kind}|{detail}".encode()).hexdigest()[:24]
+    return f"alr_{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which alerts an outbox sink receives."""
+
+    sink: str
+    kinds: tuple[str, ...]
+    min_rank: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    seq: int
+    path: str
+    model: str
+    positions: dict[str, Any]
+    events_seen: int
+
+
+def _insert_ignore(engine: sa.Engine, table: sa.Table) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING for the engine's dialect."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
+
+
+def _upsert(engine: sa.Engine, table: sa.Table, keys: list[str], values: list[str]) -> Any:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(table)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt = sqlite_insert(table)  # type: ignore[assignment]
+    return stmt.on_conflict_do_update(
+        index_elements=keys, set_={v: stmt.excluded[v] for v in values}
+    )
+
+
+class Tx:
+    """Writes of one transaction (see :meth:`Store.transaction`)."""
+
+    def __init__(self, store: Store, conn: sa.Connection, now: datetime) -> None:
+        self._store = store
+        self._conn = conn
+        self.now = now
+
+    # ----------------------------------------------------------------- incidents
+    def active_incidents(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The most recent not-resolved incident per group key (its document, with status)."""
+        if not keys:
+            return {}
+        rows = self._conn.execute(
+            sa.select(t.incidents.c.doc, t.incidents.c.status, t.incidents.c.group_key)
+            .where(t.incidents.c.group_key.in_(list(keys)))
+            .where(t.incidents.c.status != "resolved")
+            .order_by(t.incidents.c.last_seen)
+        ).all()
+        out: dict[str, dict[str, Any]] = {}
+        for doc, status, key in rows:
+            out[key] = {**doc, "status": status}
+        return out
+
+    def save_incident(self, doc: dict[str, Any], *, new: bool) -> None:
+        values = {
+            "group_key": doc["group_key"],
+            "principal": doc["principal"],
+            "status": doc["status"],
+            "severity": doc["severity"],
+            "first_seen": datetime.fromisoformat(doc["first_seen"]),
+            "last_seen": datetime.fromisoformat(doc["last_seen"]),
+            "events": doc["events"],
+            "rows_read": doc["rows_read"],
+            "peak_score": doc["anomaly_score"],
+            "doc": doc,
+            "updated_at": self.now,
+        }
+        if new:
+            stmt = _insert_ignore(self._store.engine, t.incidents).values(
+                id=doc["id"], created_at=self.now, **values
+            )
+            self._conn.execute(stmt)
+        else:
+            self._conn.execute(
+                t.incidents.update().where(t.incidents.c.id == doc["id"]).values(**values)
+            )
+
+    def incident_doc(self, incident_id: str) -> dict[str, Any]:
+        doc = self._conn.execute(
+            sa.select(t.incidents.c.doc).where(t.incidents.c.id == incident_id)
+        ).scalar_one()
+        return dict(doc)
+
+    def set_status(
+        self, incident_id: str, status: str, comment: str | None, by: str | None
+    ) -> None:
+        doc = self._conn.execute(
+            sa.select(t.incidents.c.doc).where(t.incidents.c.id == incident_id)
+        ).scalar_one()
+        self._conn.execute(
+            t.incidents.update()
+            .where(t.incidents.c.id == incident_id)
+            .values(
+                status=status,
+                doc={**doc, "status": status},
+                status_changed_at=self.now,
+                status_comment=comment,
+                status_by=by,
+                updated_at=self.now,
+            )
+        )
+
+    def idle_incidents(self, event_before: datetime | None, wall_before: datetime) -> list[str]:
+        """Ids of open or acknowledged incidents whose last event is before ``event_before``
+        or that have not changed since ``wall_before``."""
+        c = t.incidents.c
+        quiet = c.updated_at < wall_before
+        if event_before is not None:
+            quiet = sa.or_(quiet, c.last_seen < event_before)
+        rows = self._conn.execute(
+            sa.select(c.id).where(c.status.in_(("open", "acknowledged"))).where(quiet)
+        ).scalars()
+        return list(rows)
+
+    def suppressions(self, keys: Sequence[str]) -> dict[str, list[tuple[int, list[str], str]]]:
+        """Live false-positive verdicts per pattern: (feedback id, tables, until)."""
+        if not keys:
+            return {}
+        c = t.feedback.c
+        rows = self._conn.execute(
+            sa.select(c.id, c.pattern, c.tables, c.suppress_until)
+            .where(c.pattern.in_(list(keys)))
+            .where(c.suppress_until > self.now)
+        ).all()
+        out: dict[str, list[tuple[int, list[str], str]]] = {}
+        for fid, pat, tables, until in rows:
+            out.setdefault(pat, []).append((fid, list(tables or []), _ts(until).isoformat()))
+        return out
+
+    def add_feedback(
+        self,
+        incident_id: str,
+        verdict: str,
+        pattern: str,
+        tables: list[str],
+        comment: str | None,
+        by: str | None,
+        suppress_until: datetime | None,
+    ) -> None:
+        self._conn.execute(
+            t.feedback.insert().values(
+                incident_id=incident_id,
+                verdict=verdict,
+                pattern=pattern,
+                tables=tables,
+                comment=comment,
+                by=by,
+                created_at=self.now,
+                suppress_until=suppress_until,
+            )
+        )
+
+    # ----------------------------------------------------------------- outbox
+    def add_alert(self, kind: str, doc: dict[str, Any], detail: str = "") -> str:
+        """Queue ``kind`` for ``doc`` to every sink whose route takes it; returns the alert id."""
+        aid = alert_id(doc["id"], kind, detail)
+        payload = {"type": kind, "timestamp": self.now.isoformat(), "data": doc}
+        rank = {"low": 0, "medium": 1, "high": 2, "critical": 3}[doc["severity"]]
+        rows = [
+            {
+                "id": aid,
+                "sink": route.sink,
+                "kind": kind,
+                "incident_id": doc["id"],
+                "payload": payload,
+                "created_at": self.now,
+                "attempts": 0,
+                "next_attempt_at": self.now,
+            }
+            for route in self._store.routes
+            if kind in route.kinds and rank >= route.min_rank
+        ]
+        if rows:
+            self._conn.execute(_insert_ignore(self._store.engine, t.outbox), rows)
+        return aid
+
+    # ----------------------------------------------------------------- positions, read log
+    def set_positions(self, positions: dict[tuple[str, str], dict[str, Any]]) -> None:
+        if not positions:
+            return
+        rows = [
+            {"source": s, "key": k, "position": p, "updated_at": self.now}
+            for (s, k), p in positions.items()
+        ]
+        stmt = _upsert(
+            self._store.engine, t.positions, ["source", "key"], ["position", "updated_at"]
+        )
+        self._conn.execute(stmt, rows)
+
+    def add_batch(self, seq: int, reads: list[dict[str, Any]], events: int) -> None:
+        self._conn.execute(
+            t.batches.insert().values(seq=seq, reads=reads, events=events, committed_at=self.now)
+        )
+
+
+class Store:
+    """The state store over ``engine`` (see :func:`detector.sinks.tables.create_engine`)."""
+
+    def __init__(self, engine: sa.Engine, routes: Sequence[Route] = (), clock: Clock = _now):
+        self.engine = engine
+        self.routes = tuple(routes)
+        self.clock = clock
+        self._write_lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One write transaction. Writers in this process take turns: SQLite cannot upgrade a
+        read to a write under a concurrent writer, and PostgreSQL row locks would serialise
+        them anyway."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield Tx(self, conn, self.clock())
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # ----------------------------------------------------------------- reads
+    def positions(self) -> dict[tuple[str, str], dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.positions.c.source, t.positions.c.key, t.positions.c.position)
+            ).all()
+        return {(s, k): p for s, k, p in rows}
+
+    def last_batch(self) -> int:
+        with self.engine.connect() as conn:
+            seq = conn.execute(sa.select(sa.func.max(t.batches.c.seq))).scalar()
+        return int(seq or 0)
+
+    def reads_after(self, seq: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """The read log after batch ``seq``, in order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.batches.c.seq, t.batches.c.reads)
+                .where(t.batches.c.seq > seq)
+                .order_by(t.batches.c.seq)
+            )
+            for s, reads in rows:
+                yield int(s), list(reads)
+
+    def latest_snapshot(self) -> Snapshot | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(t.snapshots).order_by(t.snapshots.c.seq.desc()).limit(1)
+            ).first()
+        if row is None:
+            return None
+        return Snapshot(row.seq, row.path, row.model, dict(row.positions), int(row.events_seen))
+
+    def add_snapshot(self, snap: Snapshot) -> list[str]:
+        """Record ``snap`` and forget the read log and older snapshots it makes obsolete;
+        returns the paths of the snapshots no longer needed."""
+        with self._write_lock, self.engine.begin() as conn:
+            conn.execute(
+                _insert_ignore(self.engine, t.snapshots).values(
+                    seq=snap.seq,
+                    path=snap.path,
+                    model=snap.model,
+                    positions=snap.positions,
+                    events_seen=snap.events_seen,
+                    created_at=self.clock(),
+                )
+            )
+            old = (
+                conn.execute(sa.select(t.snapshots.c.path).where(t.snapshots.c.seq < snap.seq))
+                .scalars()
+                .all()
+            )
+            conn.execute(t.snapshots.delete().where(t.snapshots.c.seq < snap.seq))
+            conn.execute(t.batches.delete().where(t.batches.c.seq <= snap.seq))
+        return [p for p in old if p != snap.path]
+
+    def incident(self, incident_id: str) -> dict[str, Any] | None:
+        c = t.incidents.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.incidents).where(c.id == incident_id)).first()
+        return _incident_view(row) if row is not None else None
+
+    def incidents(
+        self,
+        *,
+        status: str | None = None,
+        severity: str | None = None,
+        principal: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 50,
+        after: tuple[datetime, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Incidents newest first (by last_seen, then id); ``after`` is the keyset cursor."""
+        c = t.incidents.c
+        q = sa.select(t.incidents)
+        if status is not None:
+            q = q.where(c.status == status)
+        if severity is not None:
+            q = q.where(c.severity == severity)
+        if principal is not None:
+            q = q.where(c.principal == principal)
+        if since is not None:
+            q = q.where(c.last_seen >= since)
+        if until is not None:
+            q = q.where(c.first_seen < until)
+        if after is not None:
+            q = q.where(
+                sa.or_(c.last_seen < after[0], sa.and_(c.last_seen == after[0], c.id < after[1]))
+            )
+        q = q.order_by(c.last_seen.desc(), c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_incident_view(r) for r in conn.execute(q)]
+
+    def counts(self) -> dict[str, int]:
+        """Incidents per status."""
+        c = t.incidents.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(c.status, sa.func.count()).group_by(c.status)).all()
+        return {s: int(n) for s, n in rows}
+
+    def outbox_rows(self, sink: str | None = None) -> list[dict[str, Any]]:
+        q = sa.select(t.outbox).order_by(t.outbox.c.created_at, t.outbox.c.id)
+        if sink is not None:
+            q = q.where(t.outbox.c.sink == sink)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def _incident_view(row: Any) -> dict[str, Any]:
+    doc = dict(row.doc)
+    doc["status"] = row.status
+    doc["status_changed_at"] = (
+        _ts(row.status_changed_at).isoformat() if row.status_changed_at is not None else None
+    )
+    doc["status_comment"] = row.status_comment
+    doc["status_by"] = row.status_by
+    doc["updated_at"] = _ts(row.updated_at).isoformat()
+    return doc

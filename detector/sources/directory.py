@@ -1,0 +1,389 @@
+"""A directory of event files: read once, tailed while they grow, followed through rotation.
+
+Each scan stats the directory and hands over :class:`Read` units, each the events of one
+contiguous stretch of one file plus the position after it:
+
+* Parquet and compressed JSON lines (``.gz``, ``.zst``) are read whole, in frames of
+  ``read_events`` rows; the position counts frames. A file that cannot be read yet (still being
+  written) is retried while it changes; once it has been still for ``settle_s`` it is
+  quarantined as unreadable. Write such files under a name starting with ``.`` or ending in
+  ``.tmp``/``.part`` and rename them into place; those names are never read.
+* Everything else is tailed by byte offset through a :mod:`feeder <detector.sources.feeders>`
+  (canonical JSON lines or an audit-log adapter). A partial last line waits for its newline
+  (or for the file to be still for ``settle_s``). A file is known by device and inode, so a
+  file renamed by rotation keeps its position and is read to its end even when its new name
+  no longer matches the pattern; a file that shrinks below its position was truncated
+  (copytruncate) and is read again from the start; an inode reused for a new file is told apart
+  by the hash of its first bytes.
+
+:meth:`DirectorySource.reread` reads a recorded stretch again, for the restart replay.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+import structlog
+
+from detector import schema
+from detector.quarantine import NullQuarantine, Quarantine
+from detector.sources import feeders
+from detector.sources.files import SUPPORTED_SUFFIXES, read_events
+
+log = structlog.get_logger(__name__)
+
+_WHOLE: Final = tuple(s for s in SUPPORTED_SUFFIXES if s.endswith((".gz", ".zst", ".parquet")))
+_IGNORED: Final = (".tmp", ".part", ".partial", ".swp")
+MAX_CHUNK: Final = 8 * 1024 * 1024
+_HEAD: Final = 1024
+
+
+@dataclass(slots=True)
+class Read:
+    """Events read from one stretch of one file, and where the source stands after them."""
+
+    source: str
+    key: str
+    events: pl.DataFrame
+    start: dict[str, Any]
+    end: dict[str, Any]
+    rejected: int = 0
+
+    def log_entry(self) -> dict[str, Any]:
+        """What the read log keeps to read the same stretch again."""
+        return {"source": self.source, "key": self.key, "start": self.start, "end": self.end}
+
+
+@dataclass(slots=True)
+class _File:
+    key: str
+    path: Path
+    size: int
+    mtime: float
+    pos: dict[str, Any] = field(default_factory=dict)
+    feeder: feeders.Feeder | None = None
+    still_since: float | None = None
+
+
+def _whole(path: Path) -> bool:
+    return path.name.endswith(_WHOLE)
+
+
+def _head_hash(path: Path, size: int) -> str:
+    with path.open("rb") as fh:
+        return hashlib.sha256(fh.read(min(size, _HEAD))).hexdigest()[:16]
+
+
+class DirectorySource:
+    """Files under ``path`` matching ``pattern`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        *,
+        pattern: str = "*",
+        make_feeder: Callable[[str, int], feeders.Feeder] | None = None,
+        default_tz: str | None = None,
+        read_events: int = 10_000,
+        settle_s: float = 5.0,
+        positions: dict[str, dict[str, Any]] | None = None,
+        quarantine: Quarantine | None = None,
+        on_reject: Callable[[pl.DataFrame], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.pattern = pattern
+        self.default_tz = default_tz
+        self.make_feeder = make_feeder or (
+            lambda where, line: feeders.CanonicalLines(where, line=line, default_tz=default_tz)
+        )
+        self.read_events = read_events
+        self.settle_s = settle_s
+        self.quarantine = quarantine or NullQuarantine()
+        self.on_reject = on_reject
+        self.clock = clock
+        self._files: dict[str, _File] = {}
+        self._saved = dict(positions or {})
+
+    # ------------------------------------------------------------------ scanning
+    def scan(self) -> Iterator[Read]:
+        """One pass over the directory: every stretch of new data, oldest file first."""
+        for f in self._stat_all():
+            if f.pos.get("done"):
+                continue
+            if _whole(f.path):
+                yield from self._read_whole(f)
+            else:
+                yield from self._tail(f)
+
+    def _stat_all(self) -> list[_File]:
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return []
+        seen: dict[str, _File] = {}
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or name.endswith(_IGNORED) or not entry.is_file():
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            key = f"{st.st_dev}:{st.st_ino}"
+            known = self._files.get(key)
+            matches = fnmatch.fnmatch(name, self.pattern)
+            if not matches and (known is None or known.pos.get("done")):
+                continue
+            path = Path(entry.path)
+            if known is None:
+                known = self._adopt(key, path, st.st_size, st.st_mtime)
+                if known is None:
+                    continue
+            known.path, known.size = path, st.st_size
+            if st.st_mtime != known.mtime:
+                known.mtime, known.still_since = st.st_mtime, None
+            seen[key] = known
+        self._files = seen
+        return sorted(seen.values(), key=lambda f: (f.mtime, f.path.name))
+
+    def _adopt(self, key: str, path: Path, size: int, mtime: float) -> _File | None:
+        f = _File(key, path, size, mtime)
+        saved = self._saved.pop(key, None)
+        if size == 0:
+            if saved is not None:
+                f.pos = saved
+            return f
+        try:
+            head = _head_hash(path, size)
+        except OSError:
+            return None
+        if saved is not None and saved.get("head") == head[: len(saved.get("head", ""))]:
+            f.pos = saved
+        else:
+            f.pos = {"path": str(path), "head": head}
+            if not _whole(path):
+                f.pos.update(offset=0, line=1)
+            else:
+                f.pos.update(frames=0)
+        return f
+
+    # ------------------------------------------------------------------ whole files
+    def _read_whole(self, f: _File) -> Iterator[Read]:
+        if f.still_since is None:
+            f.still_since = self.clock()
+        start_frames = int(f.pos.get("frames", 0))
+        frames = read_events(
+            [f.path],
+            batch_rows=self.read_events,
+            quarantine=self._q(),
+            default_tz=self.default_tz,
+            on_error="raise",
+        )
+        k = 0
+        try:
+            for frame in frames:
+                k += 1
+                if k <= start_frames:
+                    continue
+                yield self._read(f, frame, {**f.pos, "frames": k})
+        except Exception as exc:
+            if self.clock() - f.still_since < self.settle_s:
+                return  # probably still being written: try again on a later scan
+            log.warning("file_unreadable", source=self.name, path=str(f.path), error=str(exc))
+            self.quarantine.write_raw(str(f.path), "unreadable_file", str(exc), b"")
+            if self.on_reject is not None:
+                self.on_reject(
+                    feeders.rejects_frame(
+                        [
+                            {
+                                "location": str(f.path),
+                                "reason": "unreadable_file",
+                                "detail": str(exc),
+                                "record": None,
+                            }
+                        ]
+                    )
+                )
+        yield self._read(
+            f, schema.empty_events(), {**f.pos, "frames": max(k, start_frames), "done": True}
+        )
+
+    # ------------------------------------------------------------------ tailing
+    def _tail(self, f: _File) -> Iterator[Read]:
+        offset = int(f.pos.get("offset", 0))
+        if f.size < offset:
+            log.warning(
+                "file_truncated", source=self.name, path=str(f.path), offset=offset, size=f.size
+            )
+            f.pos = {**f.pos, "offset": 0, "line": 1, "head": _head_hash(f.path, f.size)}
+            f.feeder, offset = None, 0
+        if f.size == offset:
+            return
+        while offset < f.size:
+            now = self.clock()
+            if f.still_since is None:
+                f.still_since = now
+            settled = now - f.still_since >= self.settle_s
+            data = self._bytes(f.path, offset, min(f.size - offset, MAX_CHUNK))
+            if not data:
+                return
+            last = offset + len(data) >= f.size
+            parsed = self._feeder(f).feed(data, final=last and settled)
+            if parsed.consumed == 0:
+                if len(data) >= MAX_CHUNK:  # one record longer than a chunk: skip it
+                    parsed = self._skip_overlong(f, data)
+                else:
+                    return  # a partial last record: wait for the rest
+            offset += parsed.consumed
+            line = int(f.pos.get("line", 1)) + data[: parsed.consumed].count(b"\n")
+            end = {**f.pos, "offset": offset, "line": line}
+            yield self._read(f, parsed.events, end, parsed.rejects)
+
+    def _skip_overlong(self, f: _File, data: bytes) -> feeders.Parsed:
+        offset = int(f.pos.get("offset", 0))
+        skip = len(data)
+        with f.path.open("rb") as fh:
+            fh.seek(offset + skip)
+            while True:
+                block = fh.read(1 << 20)
+                if not block:
+                    break
+                nl = block.find(b"\n")
+                if nl >= 0:
+                    skip += nl + 1
+                    break
+                skip += len(block)
+        where = f"{f.path}:{f.pos.get('line', 1)}"
+        rejects = feeders.rejects_frame(
+            [
+                {
+                    "location": where,
+                    "reason": "too_large",
+                    "detail": f"record longer than {MAX_CHUNK} bytes",
+                    "record": None,
+                }
+            ]
+        )
+        f.feeder = None
+        return feeders.Parsed(schema.empty_events(), rejects, skip)
+
+    def _feeder(self, f: _File) -> feeders.Feeder:
+        if f.feeder is None:
+            f.feeder = self.make_feeder(str(f.path), int(f.pos.get("line", 1)))
+        return f.feeder
+
+    @staticmethod
+    def _bytes(path: Path, offset: int, size: int) -> bytes:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+
+    # ------------------------------------------------------------------ common
+    def _q(self) -> Quarantine:
+        return _Routed(self.quarantine, self.on_reject)
+
+    def _read(
+        self,
+        f: _File,
+        events: pl.DataFrame,
+        end: dict[str, Any],
+        rejects: pl.DataFrame | None = None,
+    ) -> Read:
+        rejected = 0
+        if rejects is not None and rejects.height:
+            self.quarantine.write(rejects)
+            if self.on_reject is not None:
+                self.on_reject(rejects)
+            rejected = rejects.height
+        start, f.pos = f.pos, end
+        return Read(self.name, f.key, events, start, end, rejected)
+
+    def positions(self) -> dict[str, dict[str, Any]]:
+        """The current position of every file known, by key."""
+        out = dict(self._saved)
+        out.update({k: f.pos for k, f in self._files.items()})
+        return out
+
+    # ------------------------------------------------------------------ replay
+    def reread(self, entry: dict[str, Any]) -> pl.DataFrame:
+        """The events of a logged read, read again (rejects are not quarantined twice). A file
+        that is gone yields nothing; the caller counts that."""
+        start, end = entry["start"], entry["end"]
+        path = self._locate(entry["key"], Path(end.get("path", start.get("path", ""))))
+        if path is None:
+            raise FileNotFoundError(end.get("path"))
+        if "frames" in end:
+            out = []
+            frames = read_events(
+                [path], batch_rows=self.read_events, default_tz=self.default_tz, on_error="skip"
+            )
+            for k, frame in enumerate(frames, start=1):
+                if k > int(end["frames"]):
+                    break
+                if k > int(start.get("frames", 0)):
+                    out.append(frame)
+            return pl.concat(out) if out else schema.empty_events()
+        lo, hi = int(start.get("offset", 0)), int(end["offset"])
+        if hi < lo:  # the read restarted after a truncation
+            lo = 0
+        data = self._bytes(path, lo, hi - lo)
+        parser = self.make_feeder(str(path), int(start.get("line", 1)))
+        return parser.feed(data, final=True).events
+
+    def _locate(self, key: str, hint: Path) -> Path | None:
+        known = self._files.get(key)
+        if known is not None:
+            return known.path
+        try:
+            st = hint.stat()
+            if f"{st.st_dev}:{st.st_ino}" == key:
+                return hint
+        except OSError:
+            pass
+        try:
+            for entry in os.scandir(self.path):
+                st = entry.stat()
+                if f"{st.st_dev}:{st.st_ino}" == key:
+                    return Path(entry.path)
+        except OSError:
+            return None
+        return None
+
+    def forget(self, keys: set[str]) -> None:
+        for key in keys:
+            self._files.pop(key, None)
+            self._saved.pop(key, None)
+
+
+class _Routed(Quarantine):
+    """Quarantine to ``inner`` and report each batch of rejects to ``on_reject``."""
+
+    def __init__(self, inner: Quarantine, on_reject: Callable[[pl.DataFrame], None] | None):
+        super().__init__(None)
+        self._inner = inner
+        self._on_reject = on_reject
+
+    def write(self, rejects: pl.DataFrame) -> None:
+        self._inner.write(rejects)
+        if self._on_reject is not None and rejects.height:
+            self._on_reject(rejects)
+
+    def write_raw(self, location: str, reason: str, detail: str, text: str | bytes) -> None:
+        self._inner.write_raw(location, reason, detail, text)
+        if self._on_reject is not None:
+            self._on_reject(
+                feeders.rejects_frame(
+                    [{"location": location, "reason": reason, "detail": detail, "record": None}]
+                )
+            )
