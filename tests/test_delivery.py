@@ -264,3 +264,24 @@ def test_a_send_abandoned_at_stop_is_delivered_by_the_next_worker(
         second.dispose()
     assert receiver.success_counts() == {"alr_0": 1, "alr_1": 1, "alr_2": 1}
     assert outbox_rows(engine)["alr_0"].attempts == 1  # the abandoned attempt wrote nothing
+
+
+def test_two_workers_on_one_sink_never_send_the_same_alert_twice(
+    engine: sa.Engine, receiver: WebhookReceiver
+) -> None:
+    ids = [f"alr_{i:02d}" for i in range(30)]
+    for alert_id in ids:
+        add_alert(engine, alert_id)
+    receiver.default = Reply(200, delay=0.01)
+    workers = [OutboxWorker(engine, sender(receiver), Metrics(), poll_interval=0.05)
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        eventually(lambda: all(r.delivered_at for r in outbox_rows(engine).values()),
+                   what="every alert delivered")
+    finally:
+        for w in workers:
+            assert w.stop(5)
+    assert receiver.success_counts() == dict.fromkeys(ids, 1)
+    assert len(receiver.requests()) == 30
