@@ -33,16 +33,18 @@ from __future__ import annotations
 
 import glob
 import gzip
+import inspect
 import itertools
 import os
 import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as default_field
 from pathlib import Path
 from typing import IO, Any, Final, NamedTuple
 
@@ -55,12 +57,15 @@ import pyarrow.parquet as pq
 import zstandard
 
 from detector import schema
+from detector.adapters import ADAPTERS, detect_format, make_adapter
 from detector.errors import InputError, Location, UnknownNameError
 from detector.quarantine import NullQuarantine, Quarantine, redact_text
 from detector.redact import redact_sql
 from detector.validation import LOC, REJECT_SCHEMA, check_zone, empty_rejects, validate
 
-_FORMATS: Final = (".parquet", ".jsonl", ".ndjson")
+#: Database audit logs, read through :mod:`detector.adapters` (see :func:`log_format_for`).
+LOG_SUFFIXES: Final = (".json", ".csv", ".log")
+_FORMATS: Final = (".parquet", ".jsonl", ".ndjson", *LOG_SUFFIXES)
 _COMPRESSIONS: Final = ("", ".gz", ".zst")
 #: Every file name ending read_events understands.
 SUPPORTED_SUFFIXES: Final = tuple(f + c for f in _FORMATS for c in _COMPRESSIONS)
@@ -132,19 +137,36 @@ def read_events(
     quarantine: Quarantine | None = None,
     default_tz: str | None = None,
     on_error: str = "raise",
+    log_format: str = "auto",
+    adapter_options: Mapping[str, Any] | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Yield canonical event frames from the files named by ``paths`` (see the module
     docstring for what is guaranteed). Rejected records go to ``quarantine`` (when None they are
     dropped); ``default_tz`` is the zone naive timestamps are read in (None rejects them);
-    ``on_error`` is ``"raise"`` or ``"skip"`` for files that cannot be read."""
+    ``on_error`` is ``"raise"`` or ``"skip"`` for files that cannot be read.
+
+    Files ending ``.json``, ``.csv`` or ``.log`` (plain, ``.gz`` or ``.zst``) are database audit
+    logs: ``log_format`` names their adapter (:data:`detector.adapters.ADAPTERS`), or
+    ``"auto"`` picks it per file by :func:`detector.adapters.detect_format`.
+    ``adapter_options`` go to the adapter (e.g. ``log_line_prefix``, ``db_instance``); those
+    the chosen adapter does not take are ignored; ``default_tz`` is its ``timezone``."""
     if on_error not in ON_ERROR:
         raise UnknownNameError("on_error policy", on_error, ON_ERROR)
+    if log_format != "auto" and log_format not in ADAPTERS:
+        raise UnknownNameError("log format", log_format, ("auto", *ADAPTERS))
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     check_zone(default_tz)
     files = expand_paths(paths)
     with ThreadPoolExecutor(max_workers=min(_THREADS, os.cpu_count() or 1)) as pool:
-        context = _Context(batch_rows, quarantine or NullQuarantine(), default_tz, pool)
+        context = _Context(
+            batch_rows,
+            quarantine or NullQuarantine(),
+            default_tz,
+            pool,
+            log_format,
+            dict(adapter_options or {}),
+        )
         for path in files:
             try:
                 yield from _read_file(path, context)
@@ -222,6 +244,8 @@ class _Context:
     sink: Quarantine
     default_tz: str | None
     pool: ThreadPoolExecutor
+    log_format: str = "auto"
+    adapter_options: dict[str, Any] = default_field(default_factory=dict)
 
     def reject(self, location: str, reason: str, detail: str, record: str | None) -> None:
         """Quarantine one record (``record`` is JSON text or None)."""
@@ -294,6 +318,8 @@ def _read_file(path: Path, context: _Context) -> Iterator[pl.DataFrame]:
     frames = (
         _parquet(path, compression, context)
         if fmt == ".parquet"
+        else _audit_log(path, compression, context)
+        if fmt in LOG_SUFFIXES
         else _jsonl(path, compression, context)
     )
     try:
@@ -350,6 +376,38 @@ def _read_into(
     except _READ_ERRORS as exc:
         return done, InputError(f"cannot read {where.path}: {exc}", location=where)
     return done, None
+
+
+# --- database audit logs --------------------------------------------------------------------
+
+_LOG_BLOCK: Final = 8 * 1024 * 1024
+
+
+def _audit_log(path: Path, compression: str, context: _Context) -> Iterator[pl.DataFrame]:
+    """Good events of an audit log, parsed by its adapter in blocks of a few MiB."""
+    where = Location(str(path))
+    with _opened(path, compression) as stream:
+        data = _read(stream, _LOG_BLOCK, where)
+        name = context.log_format
+        if name == "auto":
+            name = detect_format(path.name.lower().removesuffix(compression), data)
+        accepted = inspect.signature(ADAPTERS[name]).parameters
+        options = {k: v for k, v in context.adapter_options.items() if k in accepted}
+        options.setdefault("timezone", context.default_tz)
+        parser = make_adapter(name, location=str(path), **options)
+        rest = b""
+        while True:
+            at_end = len(data) < _LOG_BLOCK
+            buffer = rest + data if rest else data
+            parsed = parser.feed(buffer, final=at_end)
+            if parsed.rejects.height:
+                context.sink.write(parsed.rejects)
+            if parsed.events.height:
+                yield parsed.events
+            if at_end:
+                return
+            rest = buffer[parsed.consumed :]
+            data = _read(stream, _LOG_BLOCK, where)
 
 
 # --- JSON lines -----------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""What every audit-log adapter shares: the :class:`Parsed` result, reject reasons, the
+bounded session memory and the rule that decides how much of a chunk is consumed."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Final, Generic, Protocol, TypeVar
+
+import numpy as np
+import polars as pl
+
+from detector import schema
+from detector.quarantine import redact_text
+from detector.validation import REJECT_SCHEMA
+
+#: Reasons an adapter rejects a record for (besides :data:`detector.validation.REASONS`).
+ADAPTER_REASONS: Final[dict[str, str]] = {
+    "malformed_line": "a line does not have the shape of the format (prefix, CSV, JSON)",
+    "bad_audit_payload": "an AUDIT: payload is not a valid pgaudit CSV record",
+    "unknown_class": "a pgaudit CLASS or MariaDB operation that is not known",
+    "unknown_session": "the principal is not on the line and the session's start was not seen",
+    "invalid_utf8": "a record is not valid UTF-8",
+}
+
+#: How many records must follow a statement's last line (with none of its own) before the
+#: statement counts as complete when neither ``final`` nor ``idle`` is given.
+SETTLE_RECORDS: Final = 512
+#: Sessions remembered across feeds (oldest forgotten first).
+MAX_SESSIONS: Final = 65_536
+#: Longest raw text kept in a reject's ``record``.
+RAW_CHARS: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """What one :meth:`Adapter.feed` call produced.
+
+    ``events`` has exactly :data:`detector.schema.EVENT_SCHEMA`; ``rejects`` has
+    :data:`detector.validation.REJECT_SCHEMA`; ``consumed`` is how many bytes from the start of
+    the data fed are fully accounted for (emitted, rejected or skipped); ``skipped`` counts
+    records that are not audit records (server chatter), ``skipped_kinds`` by kind.
+    """
+
+    events: pl.DataFrame
+    rejects: pl.DataFrame
+    consumed: int
+    skipped: int = 0
+    skipped_kinds: dict[str, int] = field(default_factory=dict)
+
+
+class Adapter(Protocol):
+    """The streaming contract (see :mod:`detector.adapters`)."""
+
+    name: str
+
+    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed: ...
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class BoundedMap(Generic[K, V]):
+    """A dict that forgets its oldest entries past ``limit`` (a touched key is new again)."""
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._data: OrderedDict[K, V] = OrderedDict()
+        self._limit = limit
+
+    def get(self, key: K) -> V | None:
+        return self._data.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._limit:
+            self._data.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class LineCounter:
+    """Tracks the 1-based line number of the first byte of the next feed."""
+
+    def __init__(self) -> None:
+        self.line = 1
+
+    def advance(self, data: bytes, consumed: int) -> None:
+        self.line += data.count(b"\n", 0, consumed)
+
+
+def newline_positions(data: bytes) -> np.ndarray:
+    """Positions of every ``\\n`` in ``data``."""
+    return np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
+
+
+def raw_record(raw: bytes | str) -> str:
+    """A raw line as the JSON text of a reject's ``record``: decoded, cut and redacted."""
+    import orjson
+
+    text = raw[: RAW_CHARS * 2].decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return orjson.dumps(redact_text(text[:RAW_CHARS])).decode()
+
+
+@dataclass(slots=True)
+class RejectList:
+    """Rejects gathered while a chunk is read; ``starts`` are byte offsets (for the cut)."""
+
+    starts: list[int] = field(default_factory=list)
+    locations: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+
+    def add(self, start: int, location: str, reason: str, detail: str, raw: bytes | str) -> None:
+        self.starts.append(start)
+        self.locations.append(location)
+        self.reasons.append(reason)
+        self.details.append(detail)
+        self.records.append(raw_record(raw))
+
+    def frame(self, cut: int | None = None) -> pl.DataFrame:
+        """Rejects that start before ``cut`` (all when None), with their ``_start``."""
+        df = pl.DataFrame(
+            {
+                "_start": pl.Series(self.starts, dtype=pl.Int64),
+                "location": pl.Series(self.locations, dtype=pl.String),
+                "reason": pl.Series(self.reasons, dtype=pl.String),
+                "detail": pl.Series(self.details, dtype=pl.String),
+                "record": pl.Series(self.records, dtype=pl.String),
+            }
+        )
+        return df if cut is None else df.filter(pl.col("_start") < cut)
+
+
+def cut_point(first: np.ndarray, last: np.ndarray, complete: np.ndarray, end: int) -> int:
+    """The byte offset before which everything may be emitted.
+
+    ``first``/``last`` are the byte offsets of the first and last record of each group and
+    ``complete`` says which groups are known to be whole. The cut starts at ``end`` (the end of
+    the last complete record), moves back to the first record of every incomplete group, and
+    then to the first record of every group that still has a record at or past the cut, so a
+    group is emitted whole or not at all.
+    """
+    cut = end
+    if len(first) == 0:
+        return cut
+    pending = ~complete
+    if pending.any():
+        cut = min(cut, int(first[pending].min()))
+    while True:
+        straddling = last >= cut
+        if not straddling.any():
+            return cut
+        new = min(cut, int(first[straddling].min()))
+        if new == cut:
+            return cut
+        cut = new
+
+
+def finish_rejects(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """Concatenate reject frames (with ``_start``) in byte order, as REJECT_SCHEMA."""
+    frames = [f for f in frames if f.height]
+    if not frames:
+        return pl.DataFrame(schema=REJECT_SCHEMA)
+    merged = pl.concat(frames, how="vertical_relaxed").sort("_start", maintain_order=True)
+    return merged.select(pl.col(c).cast(t) for c, t in REJECT_SCHEMA.items())
+
+
+def no_events() -> pl.DataFrame:
+    return schema.empty_events()

@@ -1,0 +1,179 @@
+"""PostgreSQL ``csvlog`` (one CSV record per log message, messages may span lines).
+
+The whole chunk goes through one csv reader (C speed). Only when a record is malformed (wrong
+number of fields, stray carriage return) does reading restart record by record: the first line
+of the bad record is rejected and reading resumes on the line after it, so a broken quote
+cannot swallow the good records that follow.
+"""
+
+from __future__ import annotations
+
+import csv
+from itertools import islice
+from typing import Final
+
+import numpy as np
+import polars as pl
+
+from detector.adapters.base import LineCounter, Parsed, RejectList, newline_positions
+from detector.adapters.pgaudit import PgOptions, PgState, empty_records, process
+
+#: Field counts of csvlog records: PostgreSQL 12 (23), 13 (24), 14 and later (26).
+FIELD_COUNTS: Final = frozenset((23, 24, 26))
+_COLUMNS: Final = {
+    "time": 0,
+    "user": 1,
+    "db": 2,
+    "pid": 3,
+    "host": 4,
+    "session": 5,
+    "severity": 11,
+    "message": 13,
+    "app": 22,
+}
+#: Statements may be megabytes long; the csv module's default field limit is 128 KiB.
+FIELD_LIMIT: Final = 256 * 1024 * 1024
+if csv.field_size_limit() < FIELD_LIMIT:
+    csv.field_size_limit(FIELD_LIMIT)
+
+
+class PgCsvlogParser:
+    """Incremental parser of a PostgreSQL csvlog stream (see :mod:`detector.adapters`)."""
+
+    name = "pgaudit-csvlog"
+
+    def __init__(
+        self,
+        *,
+        location: str = "<stream>",
+        timezone: str | None = None,
+        db_instance: str | None = None,
+    ) -> None:
+        self.options = PgOptions(location, timezone, db_instance)
+        self.state_ = PgState()
+        self._lines = LineCounter()
+
+    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
+        """Parse ``data`` (the unconsumed rest of the previous call, then new bytes)."""
+        stop = len(data) if final else data.rfind(b"\n") + 1
+        rejects = RejectList()
+        records, end = self._records(data, stop, final, rejects)
+        result = process(
+            records,
+            rejects,
+            end=end,
+            complete_all=final or idle,
+            state=self.state_,
+            options=self.options,
+        )
+        self._lines.advance(data, result.cut)
+        return result.parsed()
+
+    def _records(
+        self, data: bytes, stop: int, final: bool, rejects: RejectList
+    ) -> tuple[pl.DataFrame, int]:
+        """Records of ``data[:stop]`` and the end of the last complete one."""
+        if stop == 0:
+            return empty_records(), 0
+        nl = newline_positions(data[:stop])
+        line_starts = np.concatenate(([0], nl + 1)).tolist()
+        try:
+            text = data[:stop].decode()
+            clean = True
+        except UnicodeDecodeError:
+            text, clean = data[:stop].decode("utf-8", "surrogateescape"), False
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows, firsts, end_line = _read_rows(lines, final, rejects, self, line_starts)
+        end = line_starts[end_line] if end_line < len(line_starts) else stop
+        if not clean:
+            rows, firsts = self._drop_invalid_utf8(rows, firsts, rejects, line_starts)
+        if not rows:
+            return empty_records(), end
+        columns = {
+            name: pl.Series(name, [r[i] for r in rows], dtype=pl.String)
+            for name, i in _COLUMNS.items()
+        }
+        frame = pl.DataFrame(columns).with_columns(
+            pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in _COLUMNS
+        )
+        starts = [line_starts[f] for f in firsts]
+        numbers = [f + self._lines.line for f in firsts]
+        frame = frame.with_columns(
+            _start=pl.Series(starts, dtype=pl.Int64),
+            _line=pl.Series(numbers, dtype=pl.Int64),
+            host=pl.col("host").str.replace(r":\d+$", ""),
+        )
+        return frame.select(empty_records().columns), end
+
+    @property
+    def line(self) -> int:
+        """Line number of the first byte of the next feed."""
+        return self._lines.line
+
+    def _drop_invalid_utf8(
+        self,
+        rows: list[list[str]],
+        firsts: list[int],
+        rejects: RejectList,
+        line_starts: list[int],
+    ) -> tuple[list[list[str]], list[int]]:
+        kept_rows, kept_firsts = [], []
+        for row, first in zip(rows, firsts, strict=True):
+            joined = ",".join(row)
+            try:
+                joined.encode()
+            except UnicodeEncodeError:
+                raw = joined.encode("utf-8", "surrogateescape")
+                where = f"{self.options.name}:{first + self._lines.line}"
+                rejects.add(line_starts[first], where, "invalid_utf8", "not UTF-8", raw)
+                continue
+            kept_rows.append(row)
+            kept_firsts.append(first)
+        return kept_rows, kept_firsts
+
+
+def _read_rows(
+    lines: list[str],
+    final: bool,
+    rejects: RejectList,
+    parser: PgCsvlogParser,
+    line_starts: list[int],
+) -> tuple[list[list[str]], list[int], int]:
+    """Rows with the index of their first line, and the index of the first line not consumed.
+
+    One reader runs over the lines; a malformed record has its first line rejected and a new
+    reader starts on the line after it."""
+    out: list[list[str]] = []
+    firsts: list[int] = []
+    total = len(lines)
+    at = 0
+    while at < total:
+        reader = csv.reader((line + "\n" for line in islice(lines, at, None)), strict=False)
+        base, done = at, 0
+        while True:
+            try:
+                row: list[str] | None = next(reader)
+                error = None
+            except StopIteration:
+                return out, firsts, total
+            except csv.Error as exc:
+                row, error = None, str(exc)
+            first, span = base + done, reader.line_num - done
+            done = reader.line_num
+            if row is not None and len(row) in FIELD_COUNTS:
+                out.append(row)
+                firsts.append(first)
+                continue
+            if row == []:
+                continue  # a blank line
+            if first + span >= total and not final and error is None:
+                return out, firsts, first  # the last record may still be being written
+            where = f"{parser.options.name}:{first + parser.line}"
+            detail = error or f"{len(row or ())} fields, expected one of {sorted(FIELD_COUNTS)}"
+            raw = lines[first].encode("utf-8", "surrogateescape")
+            rejects.add(line_starts[first], where, "malformed_line", detail[:120], raw)
+            at = first + 1
+            break
+    return out, firsts, total

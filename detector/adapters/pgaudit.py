@@ -1,0 +1,473 @@
+"""From PostgreSQL log records (any destination) to canonical events: the pgaudit core.
+
+The destination modules (:mod:`.pg_jsonlog`, :mod:`.pg_csvlog`, :mod:`.pg_stderr`) cut a chunk
+into records and hand this module one polars frame of them (:data:`RECORD_COLUMNS`). Here:
+
+* ``AUDIT:`` messages are parsed with the csv module (``AUDIT_TYPE, STATEMENT_ID,
+  SUBSTATEMENT_ID, CLASS, COMMAND, OBJECT_TYPE, OBJECT_NAME, STATEMENT, PARAMETER[, ROWS]``);
+  the lines of one statement (same session, statement id and substatement id: one per
+  relation with ``pgaudit.log_relation``) become one event listing every object.
+* ``connection authorized`` becomes a ``login`` event and a FATAL ``authentication failed`` /
+  ``no pg_hba.conf entry`` / ``role ... does not exist`` a ``login_failed`` event; every other
+  record is skipped and counted by kind.
+* CLASS maps to ``action`` (READ read, WRITE write, DDL ddl, ROLE dcl, FUNCTION/MISC/MISC_SET
+  other); ``COPY ... TO`` (class READ) and any read by ``pg_dump``/``pg_dumpall`` are ``copy``.
+  ROWS goes to ``rows_returned`` for reads and ``rows_affected`` for writes; pgaudit logs 0
+  for COPY (it is not run by the executor), so COPY's rows are null (unknown). A COPY line has
+  no OBJECT_NAME: the table is taken from the statement text as written.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from typing import Final
+
+import polars as pl
+
+from detector.adapters.base import (
+    SETTLE_RECORDS,
+    BoundedMap,
+    Parsed,
+    RejectList,
+    cut_point,
+    finish_rejects,
+    no_events,
+)
+from detector.validation import validate
+
+#: Columns of the record frame a destination module builds (all text but the first two).
+RECORD_COLUMNS: Final = (
+    "_start",  # byte offset of the record in the data fed
+    "_line",  # 1-based line number of the record's first line
+    "time",
+    "user",
+    "db",
+    "pid",
+    "session",
+    "host",
+    "app",
+    "severity",
+    "message",
+)
+
+CLASS_ACTIONS: Final[dict[str, str]] = {
+    "READ": "read",
+    "WRITE": "write",
+    "DDL": "ddl",
+    "ROLE": "dcl",
+    "FUNCTION": "other",
+    "MISC": "other",
+    "MISC_SET": "other",
+}
+DUMP_APPS: Final = ("pg_dump", "pg_dumpall")
+_NL: Final = "\ue000"  # stands for a newline while a payload is parsed on its own
+_CR: Final = "\ue001"
+_NOT_LOGGED: Final = "<not logged>"
+_PREVIOUSLY: Final = "<previously logged>"
+_UTC_ZONES: Final = ("UTC", "GMT", "UCT", "Z", "Etc/UTC")
+_COPY_TABLE: Final = r'(?i)^\s*COPY\s+(?:BINARY\s+)?((?:"[^"]+"|[\w$]+)(?:\.(?:"[^"]+"|[\w$]+))?)'
+_COPY_TO: Final = r"(?is)^\s*COPY\b.*\bTO\b"
+_FAILED: Final = (
+    r'authentication failed for user "|^no pg_hba\.conf entry for |^role "[^"]*" does not exist'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PgOptions:
+    """Settings shared by the PostgreSQL adapters."""
+
+    name: str = "<stream>"
+    timezone: str | None = None  # zone for timestamps whose zone is an abbreviation
+    db_instance: str | None = None
+
+
+class PgState:
+    """What is remembered across feeds: the text of each session's latest statement (for
+    ``<previously logged>`` lines whose first line was emitted by an earlier feed)."""
+
+    def __init__(self) -> None:
+        self.texts: BoundedMap[tuple[str, str, str], str] = BoundedMap()
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    events: pl.DataFrame
+    rejects: pl.DataFrame
+    cut: int
+    skipped: dict[str, int]
+
+    def parsed(self) -> Parsed:
+        return Parsed(self.events, self.rejects, self.cut, sum(self.skipped.values()), self.skipped)
+
+
+def parse_payloads(payloads: list[str]) -> list[list[str] | None]:
+    """Each AUDIT: payload as its CSV fields (None where it is not one CSV record)."""
+    try:
+        reader = csv.reader(payloads, strict=True)
+        rows: list[list[str] | None] = list(reader)
+        if len(rows) == len(payloads) and reader.line_num == len(payloads):
+            return rows
+    except csv.Error:
+        pass
+    return [_parse_one(text) for text in payloads]
+
+
+def _parse_one(text: str) -> list[str] | None:
+    """One payload on its own; a newline outside quotes is taken as part of the field."""
+    hidden = "\n" in text or "\r" in text
+    if hidden:
+        text = text.replace("\n", _NL).replace("\r", _CR)
+    try:
+        reader = csv.reader([text], strict=True)
+        row = next(reader, None)
+        if row is None or next(reader, None) is not None:
+            return None
+    except csv.Error:
+        return None
+    if hidden:
+        row = [f.replace(_NL, "\n").replace(_CR, "\r") for f in row]
+    return row
+
+
+def process(
+    rec: pl.DataFrame,
+    rejects: RejectList,
+    *,
+    end: int,
+    complete_all: bool,
+    state: PgState,
+    options: PgOptions,
+) -> Result:
+    """Events, rejects and the cut (see :func:`detector.adapters.base.cut_point`) for the
+    record frame ``rec`` whose complete records end at byte ``end``; ``rejects`` holds what
+    the destination module already rejected in the same data."""
+    if rec.height == 0:
+        return Result(no_events(), finish_rejects([rejects.frame(end)]), end, {})
+    rec = rec.with_row_index("_idx").with_columns(
+        skey=pl.coalesce("session", "pid").fill_null(""),
+        kind=_kind_expr(),
+    )
+    audit = _audit_lines(rec, rejects, options.name)
+    groups = _groups(audit, rec, complete_all, state)
+    cut = cut_point(
+        groups.get_column("_start").to_numpy(),
+        groups.get_column("_last").to_numpy(),
+        groups.get_column("_complete").to_numpy().astype(bool),
+        end,
+    )
+    groups = groups.filter(pl.col("_last") < cut)
+    _remember(groups, state)
+    done = rec.filter(pl.col("_start") < cut)
+    logins = _logins(done.filter(pl.col("kind").is_in(["login", "login_failed"])))
+    skipped = Counter(
+        done.filter(pl.col("kind").is_in(["other", "received", "disconnect"]))
+        .get_column("kind")
+        .to_list()
+    )
+    events = pl.concat([_audit_events(groups), logins], how="vertical_relaxed")
+    events = _finish(events.sort("_start"), options)
+    good, bad = validate(events.drop("_start"), default_tz=options.timezone)
+    starts = events.select(pl.col("_loc").alias("location"), "_start")
+    bad_frame = bad.join(starts, on="location", how="left", maintain_order="left")
+    return Result(good, finish_rejects([rejects.frame(cut), bad_frame]), cut, dict(skipped))
+
+
+def _kind_expr() -> pl.Expr:
+    msg = pl.col("message").fill_null("")
+    fatal = pl.col("severity").fill_null("") == "FATAL"
+    return (
+        pl.when(msg.str.starts_with("AUDIT: "))
+        .then(pl.lit("audit"))
+        .when(msg.str.contains(r"^(?:replication )?connection authorized: "))
+        .then(pl.lit("login"))
+        .when(fatal & msg.str.contains(_FAILED))
+        .then(pl.lit("login_failed"))
+        .when(msg.str.starts_with("connection received: "))
+        .then(pl.lit("received"))
+        .when(msg.str.starts_with("disconnection: "))
+        .then(pl.lit("disconnect"))
+        .otherwise(pl.lit("other"))
+    )
+
+
+_PAYLOAD_FIELDS: Final = (
+    "audit_type",
+    "stmt",
+    "substmt",
+    "cls",
+    "command",
+    "object_type",
+    "object_name",
+    "statement",
+    "parameter",
+    "rows",
+)
+
+
+def _audit_lines(rec: pl.DataFrame, rejects: RejectList, name: str) -> pl.DataFrame:
+    """One row per well-formed AUDIT: line with its payload fields; bad ones rejected."""
+    lines = rec.filter(pl.col("kind") == "audit")
+    payloads = lines.get_column("message").str.slice(7).to_list()
+    rows = parse_payloads(payloads)
+    sizes = [len(r) if r is not None else 0 for r in rows]
+    if all(s == 10 for s in sizes):
+        good_rows: list[list[str]] = rows  # type: ignore[assignment]  # no None: size 10
+        keep = lines
+    else:
+        ok = [s in (9, 10) for s in sizes]
+        starts, numbers = lines.get_column("_start").to_list(), lines.get_column("_line").to_list()
+        for i, fine in enumerate(ok):
+            if not fine:
+                detail = "not a CSV record" if rows[i] is None else f"{sizes[i]} fields, not 9-10"
+                rejects.add(
+                    starts[i], f"{name}:{numbers[i]}", "bad_audit_payload", detail, payloads[i]
+                )
+        good_rows = [
+            [*r, ""] if len(r) == 9 else r for r, f in zip(rows, ok, strict=True) if f and r
+        ]
+        keep = lines.filter(pl.Series(ok, dtype=pl.Boolean))
+    columns = list(zip(*good_rows, strict=True)) if good_rows else [()] * 10
+    fields = pl.DataFrame(
+        {
+            f: pl.Series(f, list(col), dtype=pl.String)
+            for f, col in zip(_PAYLOAD_FIELDS, columns, strict=True)
+        }
+    )
+    audit = pl.concat([keep, fields], how="horizontal")
+    bad = (
+        pl.col("stmt").cast(pl.Int64, strict=False).is_null()
+        | pl.col("substmt").cast(pl.Int64, strict=False).is_null()
+        | ((pl.col("rows") != "") & pl.col("rows").cast(pl.Int64, strict=False).is_null())
+    )
+    unknown = ~pl.col("cls").is_in(list(CLASS_ACTIONS))
+    flagged = audit.filter(bad | unknown)
+    if flagged.height:
+        for start, line, cls, is_bad, message in flagged.select(
+            "_start", "_line", "cls", bad, "message"
+        ).iter_rows():
+            reason, detail = (
+                ("bad_audit_payload", "statement id, substatement id or rows is not a number")
+                if is_bad
+                else ("unknown_class", f"pgaudit class {cls[:40]!r} is not known")
+            )
+            rejects.add(start, f"{name}:{line}", reason, detail, message[7:])
+        audit = audit.filter(~(bad | unknown))
+    return audit
+
+
+def _groups(
+    audit: pl.DataFrame, rec: pl.DataFrame, complete_all: bool, state: PgState
+) -> pl.DataFrame:
+    """One row per statement: the lines of one (session, statement, substatement) merged."""
+    statement = (
+        pl.when(pl.col("statement").is_in([_NOT_LOGGED, _PREVIOUSLY]))
+        .then(None)
+        .otherwise(pl.col("statement"))
+    )
+    obj = pl.when(pl.col("object_name") == "").then(None).otherwise(pl.col("object_name"))
+    groups = (
+        audit.with_columns(statement=statement, object_name=obj)
+        .group_by("skey", "stmt", "substmt", maintain_order=True)
+        .agg(
+            pl.col("_start", "_line", "_idx", "time", "user", "db", "pid", "session"),
+            pl.col("host", "app", "audit_type", "cls", "command", "object_type").first(),
+            pl.col("_start").last().alias("_last"),
+            pl.col("_idx").last().alias("_last_idx"),
+            pl.col("object_name").drop_nulls().unique(maintain_order=True).alias("objects"),
+            pl.col("statement").drop_nulls().first(),
+            pl.col("rows").cast(pl.Int64, strict=False).max(),
+            pl.col("statement").is_null().all().alias("_no_text"),
+        )
+        .with_columns(pl.col(c).list.first() for c in ("_start", "_line", "_idx", "time"))
+        .with_columns(pl.col(c).list.first() for c in ("user", "db", "pid", "session"))
+    )
+    if groups.height == 0:
+        return groups.with_columns(_complete=pl.lit(True))
+    groups = _carried_text(groups, state)
+    if complete_all:
+        return groups.with_columns(_complete=pl.lit(True))
+    last_in_session = rec.group_by("skey").agg(pl.col("_idx").max().alias("_session_last"))
+    total = rec.height
+    return (
+        groups.join(last_in_session, on="skey", how="left", maintain_order="left")
+        .with_columns(
+            _complete=(pl.col("_session_last") > pl.col("_last_idx"))
+            | (pl.lit(total) - 1 - pl.col("_last_idx") >= SETTLE_RECORDS)
+        )
+        .drop("_session_last")
+    )
+
+
+def _carried_text(groups: pl.DataFrame, state: PgState) -> pl.DataFrame:
+    """Fill ``<previously logged>`` statements whose first line an earlier feed emitted."""
+    missing = groups.filter(pl.col("statement").is_null() & pl.col("_no_text"))
+    if missing.height == 0 or len(state.texts) == 0:
+        return groups
+    keys = missing.select("skey", "stmt", "substmt").iter_rows()
+    texts = [state.texts.get((k, s, u)) for k, s, u in keys]
+    filler = missing.select("skey", "stmt", "substmt").with_columns(
+        _carried=pl.Series(texts, dtype=pl.String)
+    )
+    return (
+        groups.join(filler, on=["skey", "stmt", "substmt"], how="left", maintain_order="left")
+        .with_columns(statement=pl.coalesce("statement", "_carried"))
+        .drop("_carried")
+    )
+
+
+def _remember(groups: pl.DataFrame, state: PgState) -> None:
+    """Keep the last emitted statement text of each session."""
+    last = (
+        groups.filter(pl.col("statement").is_not_null())
+        .group_by("skey")
+        .agg(pl.col("stmt", "substmt", "statement").last())
+    )
+    for skey, stmt, substmt, text in last.iter_rows():
+        state.texts.put((skey, stmt, substmt), text)
+
+
+def _audit_events(groups: pl.DataFrame) -> pl.DataFrame:
+    copy = pl.col("command") == "COPY"
+    copy_to = copy & (
+        (pl.col("cls") == "READ") | pl.col("statement").fill_null("").str.contains(_COPY_TO)
+    )
+    action = (
+        pl.when(copy_to)
+        .then(pl.lit("copy"))
+        .when((pl.col("cls") == "READ") & pl.col("app").is_in(list(DUMP_APPS)))
+        .then(pl.lit("copy"))
+        .otherwise(pl.col("cls").replace_strict(CLASS_ACTIONS, default="other"))
+    )
+    copied = (
+        pl.col("statement").str.extract(_COPY_TABLE, 1).str.replace_all('"', "").str.to_lowercase()
+    )
+    objects = (
+        pl.when(pl.col("objects").list.len() > 0)
+        .then(pl.col("objects"))
+        .when(copy & copied.is_not_null())
+        .then(pl.concat_list(copied))
+        .otherwise(None)
+    )
+    rows = pl.when(copy).then(None).otherwise(pl.col("rows"))
+    return groups.with_columns(action=action).select(
+        "_start",
+        "_line",
+        "time",
+        "user",
+        "db",
+        "pid",
+        "session",
+        "host",
+        "app",
+        "action",
+        "command",
+        objects.alias("objects"),
+        pl.col("statement").alias("statement_text"),
+        (pl.col("stmt") + "." + pl.col("substmt")).alias("statement_id"),
+        pl.when(pl.col("action").is_in(["read", "copy"])).then(rows).alias("rows_returned"),
+        pl.when(pl.col("action") == "write").then(rows).alias("rows_affected"),
+        pl.lit(None, dtype=pl.Boolean).alias("success"),
+        pl.col("audit_type"),
+        pl.col("cls").alias("audit_class"),
+        pl.when(pl.col("object_type") != "").then(pl.col("object_type")).alias("object_type"),
+        pl.col("substmt").alias("substatement_id"),
+    )
+
+
+def _logins(rows: pl.DataFrame) -> pl.DataFrame:
+    msg = pl.col("message")
+    ok = pl.col("kind") == "login"
+    named = pl.coalesce(
+        msg.str.extract(r'for user "([^"]*)"', 1),
+        msg.str.extract(r'user "([^"]*)"', 1),
+        msg.str.extract(r'^role "([^"]*)"', 1),
+    )
+    return rows.select(
+        "_start",
+        "_line",
+        "time",
+        pl.when(ok)
+        .then(pl.coalesce(msg.str.extract(r"user=(\S+)", 1), pl.col("user")))
+        .otherwise(pl.coalesce(named, pl.col("user")))
+        .alias("user"),
+        pl.coalesce(msg.str.extract(r"database=(\S+)", 1), pl.col("db")).alias("db"),
+        "pid",
+        "session",
+        pl.coalesce(pl.col("host"), msg.str.extract(r'host "([^"]*)"', 1)).alias("host"),
+        pl.coalesce(
+            pl.when(pl.col("app") != "[unknown]").then(pl.col("app")),
+            msg.str.extract(r"application_name=(.*?)(?: SSL .*)?$", 1),
+        ).alias("app"),
+        pl.col("kind").alias("action"),
+        pl.lit("LOGIN").alias("command"),
+        pl.lit(None, dtype=pl.List(pl.String)).alias("objects"),
+        pl.lit(None, dtype=pl.String).alias("statement_text"),
+        pl.lit(None, dtype=pl.String).alias("statement_id"),
+        pl.lit(None, dtype=pl.Int64).alias("rows_returned"),
+        pl.lit(None, dtype=pl.Int64).alias("rows_affected"),
+        ok.alias("success"),
+        *(pl.lit(None, dtype=pl.String).alias(c) for c in _EXTRA_KEYS[1:]),
+    )
+
+
+_EXTRA_KEYS: Final = ("pid", "audit_type", "audit_class", "object_type", "substatement_id")
+
+
+def _blank_to_null(col: str, *unknown: str) -> pl.Expr:
+    return pl.when(pl.col(col).is_in(["", *unknown])).then(None).otherwise(pl.col(col)).alias(col)
+
+
+def _finish(events: pl.DataFrame, options: PgOptions) -> pl.DataFrame:
+    """Canonical column names, normalised times, extra map, location."""
+    zone = pl.col("time").str.extract(r" ([A-Za-z][\w/+-]*|[+-]\d{1,2}(?::?\d{2})?)$", 1)
+    base = pl.col("time").str.replace(r" \S+$", "")
+    time = (
+        pl.when(zone.is_in(list(_UTC_ZONES)))
+        .then(base + "Z")
+        .when(zone.str.starts_with("+") | zone.str.starts_with("-"))
+        .then(base + zone)
+        .otherwise(base)
+    )
+    extra = pl.concat_list(
+        pl.struct(pl.lit(k).alias("key"), pl.col(k).cast(pl.String).alias("value"))
+        for k in _EXTRA_KEYS
+    )
+    return events.with_columns(
+        _blank_to_null("user", "[unknown]"),
+        _blank_to_null("db", "[unknown]"),
+        _blank_to_null("host", "[local]", "[unknown]"),
+        _blank_to_null("app", "[unknown]"),
+    ).select(
+        "_start",
+        (pl.lit(f"{options.name}:") + pl.col("_line").cast(pl.String)).alias("_loc"),
+        time.alias("event_time"),
+        pl.col("user").alias("db_user"),
+        "action",
+        pl.lit("pgaudit").alias("source_format"),
+        pl.lit("postgresql").alias("db_system"),
+        pl.lit(options.db_instance, dtype=pl.String).alias("db_instance"),
+        pl.col("db").alias("db_name"),
+        pl.col("host").alias("client_ip"),
+        pl.col("app").alias("client_app"),
+        pl.col("session").alias("session_id"),
+        "statement_id",
+        "command",
+        "objects",
+        "statement_text",
+        "rows_returned",
+        "rows_affected",
+        "success",
+        extra.alias("extra"),
+    )
+
+
+def empty_records() -> pl.DataFrame:
+    """A record frame with no rows."""
+    return pl.DataFrame(
+        schema={c: (pl.Int64 if c in ("_start", "_line") else pl.String) for c in RECORD_COLUMNS}
+    )
+
+
+__all__ = ["RECORD_COLUMNS", "PgOptions", "PgState", "Result", "empty_records", "process"]
