@@ -115,6 +115,12 @@ class ReadQueue:
             self._cond.notify_all()
             return out
 
+    def clear(self) -> None:
+        with self._cond:
+            self._items.clear()
+            self._events = 0
+            self._cond.notify_all()
+
     @property
     def events(self) -> int:
         return self._events
@@ -652,6 +658,17 @@ class Service:
             if self.queue.events == 0 and self.queue.holding == 0 and self._idle_passes >= 2:
                 return True
         return False
+
+    def crash_for_tests(self) -> None:
+        """Stop the threads with no drain, final commit or snapshot: what a kill leaves."""
+        self.health.stopping = True
+        self._stop.set()
+        self.queue.clear()
+        for thread in self._threads:
+            thread.join(10)
+        for worker in self._workers:
+            worker.stop(1)
+        self.store.engine.dispose()
 
     # ================================================================== stop
     def stop(self, timeout: float = 30.0) -> None:

@@ -42,3 +42,11 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert run.returncode == 0, run.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def live_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two simulated days after the default model's training window, attacks on the second."""
+    from tests.service_support import write_live_sample
+
+    return write_live_sample(tmp_path_factory.mktemp("live_sample"))

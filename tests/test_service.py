@@ -1,0 +1,175 @@
+"""The live service in-process: sources, micro-batches, incidents, restart, model reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from detector import pipeline
+from detector.features.engine import FeatureEngine
+from detector.scoring import artefact
+from detector.sources.files import read_events
+from tests.service_support import (
+    all_incidents,
+    api,
+    metric,
+    models_copy,
+    running,
+    settings_for,
+)
+
+
+def _batch_ids(models: Path, events: Path) -> set[str]:
+    report = pipeline.score(models / "default", [events], None)
+    return {inc["id"] for inc in report.incidents}
+
+
+def test_spool_parquet_gives_the_incidents_of_batch_scoring(tmp_path: Path, live_sample: Path) -> None:
+    models = models_copy(tmp_path)
+    settings = settings_for(tmp_path, models)
+    with running(settings) as service:
+        shutil.copy(live_sample / "events.parquet", tmp_path / "spool" / ".events.parquet.tmp")
+        os.replace(tmp_path / "spool" / ".events.parquet.tmp", tmp_path / "spool" / "events.parquet")
+        assert service.wait_idle(timeout=120)
+        ids = {inc["id"] for inc in all_incidents(service)}
+        scored = metric(service, "exfilwatch_events_scored_total")
+        outbox = service.store.outbox_rows()
+    expected = _batch_ids(models, live_sample / "events.parquet")
+    assert scored == pl.read_parquet(live_sample / "events.parquet").height
+    assert ids == expected and len(ids) >= 7
+    assert outbox == []  # no sink configured: nothing queued
+
+
+def _lines(sample: Path) -> list[bytes]:
+    return (sample / "events.jsonl").read_bytes().splitlines(keepends=True)
+
+
+def test_tailed_jsonl_survives_partial_lines_rename_rotation_and_copytruncate(
+    tmp_path: Path, live_sample: Path
+) -> None:
+    lines = _lines(live_sample)[:9000]
+    models = models_copy(tmp_path)
+    settings = settings_for(
+        tmp_path, models,
+        sources=[{"name": "app", "kind": "directory", "path": str(tmp_path / "logs"),
+                  "pattern": "app.jsonl"}],
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "app.jsonl"
+    with running(settings) as service:
+        # 1: 3000 lines and half of the next one
+        with live.open("wb") as fh:
+            fh.writelines(lines[:3000])
+            fh.write(lines[3000][:40])
+        assert service.wait_idle(timeout=60)
+        assert metric(service, "exfilwatch_events_scored_total") == 3000
+        # 2: the rest of that line and more, then rename rotation: the old file gets a last
+        # write after the rename and a new file takes the name (the pattern no longer matches
+        # the old one, it is followed by inode)
+        with live.open("ab") as fh:
+            fh.write(lines[3000][40:])
+            fh.writelines(lines[3001:5000])
+        live.rename(logs / "app.jsonl.1")
+        with (logs / "app.jsonl.1").open("ab") as fh:
+            fh.writelines(lines[5000:5500])
+        with live.open("wb") as fh:
+            fh.writelines(lines[5500:7000])
+        assert service.wait_idle(timeout=60)
+        assert metric(service, "exfilwatch_events_scored_total") == 7000
+        # 3: copytruncate: the file is emptied in place and written again from the start
+        with live.open("r+b") as fh:
+            fh.truncate(0)
+        assert service.wait_idle(timeout=60)
+        with live.open("ab") as fh:
+            fh.writelines(lines[7000:9000])
+        assert service.wait_idle(timeout=60)
+        assert metric(service, "exfilwatch_events_scored_total") == 9000
+        assert metric(service, "exfilwatch_events_ingested_total",
+                      {"source": "app", "format": "canonical"}) == 9000
+
+
+def test_bad_lines_are_quarantined_and_counted_and_good_ones_kept(tmp_path: Path, live_sample: Path) -> None:
+    lines = _lines(live_sample)[:200]
+    bad = [b"not json\n", b'{"event_time": "2026-01-14T00:00:00", "db_user": "x", "action": "read"}\n',
+           b"\xff\xfe garbage\n", b'{"db_user": "x"}\n']
+    body = b"".join(lines[:100] + bad + lines[100:])
+    models = models_copy(tmp_path)
+    settings = settings_for(tmp_path, models)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "mixed.jsonl").write_bytes(body)
+    with running(settings) as service:
+        assert service.wait_idle(timeout=60)
+        assert metric(service, "exfilwatch_events_scored_total") == 200
+        rejected = sum(
+            s.value for m in service.metrics.registry.collect() for s in m.samples
+            if s.name == "exfilwatch_events_rejected_total"
+        )
+        assert rejected == 4
+    quarantined = (tmp_path / "var" / "quarantine" / "rejected.jsonl").read_text().splitlines()
+    assert len(quarantined) == 4
+    assert all("mixed.jsonl:" in q for q in quarantined)
+
+
+def test_restart_after_a_crash_replays_state_and_continues_exactly(
+    tmp_path: Path, live_sample: Path
+) -> None:
+    """Crash (threads stopped with no final snapshot or drain) mid-stream, restart on the same
+    state: the incidents equal batch scoring over the whole stream."""
+    lines = _lines(live_sample)
+    models = models_copy(tmp_path)
+    logs = tmp_path / "spool"
+    logs.mkdir()
+    (logs / "a.jsonl").write_bytes(b"".join(lines[:12000]))
+    settings = settings_for(tmp_path, models)
+    with running(settings) as service:
+        assert service.wait_idle(timeout=60)
+        service.snapshot()  # a snapshot in the middle: restore = snapshot + read-log replay
+        (logs / "b.jsonl").write_bytes(b"".join(lines[12000:16000]))
+        assert service.wait_idle(timeout=60)
+        service.crash_for_tests()
+    (logs / "c.jsonl").write_bytes(b"".join(lines[16000:]))
+    with running(settings) as service:
+        assert service.wait_idle(timeout=60)
+        ids = {inc["id"] for inc in all_incidents(service)}
+        assert metric(service, "exfilwatch_events_scored_total") == len(lines) - 16000
+        live_state = _principal_state(service.scorer.engine)
+        live_seen = service.scorer.engine.events_seen_
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(b"".join(lines))
+    assert ids == _batch_ids(models, whole)
+    batch = pipeline.Scorer(artefact.load(models / "default"), continue_state=True)
+    batch.score(pl.concat(read_events([whole])))
+    assert live_seen == batch.engine.events_seen_
+    expected = _principal_state(batch.engine)
+    assert live_state.keys() == expected.keys()
+    for name, row in expected.items():
+        np.testing.assert_allclose(live_state[name], row, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+def _principal_state(engine: FeatureEngine) -> dict[str, np.ndarray]:
+    return {name: engine.state_[i].copy() for name, i in engine.principals_.items()}
+
+
+def test_promoting_a_model_switches_the_running_service(tmp_path: Path) -> None:
+    models = models_copy(tmp_path)
+    shutil.copytree(models / "default" / "v1", models / "default" / "v2")
+    settings = settings_for(tmp_path, models)
+    with running(settings) as service, api(service) as client:
+        assert client.get("/v1/model").json()["version"] == "v1"
+        assert client.post("/v1/model/promote", json={"version": "v2"}).status_code == 200
+        deadline = time.monotonic() + 30
+        while client.get("/v1/model").json()["version"] != "v2":
+            assert time.monotonic() < deadline, "the service did not pick up the promotion"
+            time.sleep(0.1)
+        assert metric(service, "exfilwatch_model_reloads_total", {"outcome": "success"}) == 1
+        assert metric(service, "exfilwatch_model_info",
+                      {"name": "default", "version": "v2",
+                       "feature_spec": service.scorer.artefact.metadata["feature_spec_hash"][:12]}) == 1
+        assert artefact.aliases(models / "default") == {"current": "v2"}
+        assert client.post("/v1/model/promote", json={"version": "v9"}).status_code == 400
