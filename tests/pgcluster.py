@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,12 @@ def _server_account() -> pwd.struct_passwd | None:
     raise RuntimeError("running as root and no postgres/nobody account to run the server as")
 
 
+def _reachable(path: Path) -> bool:
+    """Whether every directory down to ``path`` lets others pass (o+x)."""
+    path = path.resolve()
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents) if p.exists())
+
+
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
     """Poll ``check`` until it is true; RuntimeError naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -152,10 +159,13 @@ class PgCluster:
         bin_dir = pg_bin()
         if bin_dir is None:
             raise RuntimeError(unavailable_reason() or "no PostgreSQL")
+        account = _server_account()
+        if account is not None and not _reachable(root.parent):
+            # the server account cannot enter pytest's private temp dirs: use one in /tmp
+            root = Path(tempfile.mkdtemp(prefix="exfilwatch-pg-"))
         root.mkdir(parents=True, exist_ok=True)
         cluster = cls(root, bin_dir, free_port(), log_line_prefix, settings or {})
         cluster.socket_dir.mkdir(exist_ok=True)
-        account = _server_account()
         if account is not None:
             os.chmod(root, 0o755)
             for path in (root, cluster.socket_dir):

@@ -103,7 +103,9 @@ def raw_record(raw: bytes | str) -> str:
     """A raw line as the JSON text of a reject's ``record``: decoded, cut and redacted."""
     import orjson
 
-    text = raw[: RAW_CHARS * 2].decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if isinstance(raw, str):
+        raw = raw[: RAW_CHARS * 2].encode("utf-8", "surrogateescape")
+    text = raw[: RAW_CHARS * 2].decode("utf-8", "replace")
     return orjson.dumps(redact_text(text[:RAW_CHARS])).decode()
 
 
@@ -168,7 +170,7 @@ def finish_rejects(frames: list[pl.DataFrame]) -> pl.DataFrame:
     frames = [f for f in frames if f.height]
     if not frames:
         return pl.DataFrame(schema=REJECT_SCHEMA)
-    merged = pl.concat(frames, how="vertical_relaxed").sort("_start", maintain_order=True)
+    merged = pl.concat(frames, how="diagonal_relaxed").sort("_start", maintain_order=True)
     return merged.select(pl.col(c).cast(t) for c, t in REJECT_SCHEMA.items())
 
 

@@ -180,7 +180,8 @@ class MariadbAuditParser:
             stamp, server, user, host, conn, query, op, db, rest = head
             time = _file_time(stamp)
         obj, _, retcode = rest.rpartition(",")
-        if time is None or not conn.isdigit() or not query.isdigit() or not retcode.isdigit():
+        ret_ok = retcode.isdigit() or (retcode == "" and op in TABLE_OPS)  # no code on TABLE
+        if time is None or not conn.isdigit() or not query.isdigit() or not ret_ok:
             rejects.add(pos, where, "malformed_line", "bad time, id or return code", raw)
             return None
         return {

@@ -96,6 +96,10 @@ class PgJsonlogParser:
             blank = np.array(stripped, dtype=bool)
         lo, hi = int(starts[0]), int(ends[-1])
         try:
+            data[lo:hi].decode()  # Arrow's reader does not check UTF-8; orjson does
+        except UnicodeDecodeError:
+            return self._line_by_line(data, starts, ends, numbers, rejects)
+        try:
             options = pj.ReadOptions(use_threads=False, block_size=max(hi - lo + 1, 1 << 16))
             table = pj.read_json(pa.py_buffer(data[lo:hi]), options, _PARSE)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):

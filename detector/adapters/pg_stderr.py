@@ -39,8 +39,8 @@ _ESCAPES: Final[dict[str, tuple[str | None, str]]] = {
     "u": ("user", r".*?"),
     "d": ("db", r".*?"),
     "a": ("app", r".*?"),
-    "h": ("host", r".*?"),
-    "r": ("host", r".*?(?:\(\d+\))?"),
+    "h": ("host", r"\S*?"),
+    "r": ("host", r"\S*?(?:\(\d+\))?"),
     "c": ("session", r"[0-9a-f]+\.[0-9a-f]+"),
     "l": (None, r"\d+"),
     "v": (None, r".*?"),
@@ -128,9 +128,12 @@ class PgStderrParser:
     def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
         """Parse ``data`` (the unconsumed rest of the previous call, then new bytes)."""
         stop = len(data) if final else data.rfind(b"\n") + 1
-        text = data[:stop].decode("utf-8", "surrogateescape")
+        try:
+            text, clean = data[:stop].decode(), True
+        except UnicodeDecodeError:
+            text, clean = data[:stop].decode("utf-8", "surrogateescape"), False
         rejects = RejectList()
-        columns, starts, end_char, updates = self._match(text, final or idle, rejects)
+        columns, starts, end_char, updates = self._match(text, final or idle, rejects, clean)
         # character offsets -> byte offsets (they differ only when the text is not ASCII)
         ascii_only = len(text) == stop
         to_byte: Callable[[int], int] = (lambda c: c) if ascii_only else _byte_offsets(text)
@@ -164,7 +167,7 @@ class PgStderrParser:
         return result.parsed()
 
     def _match(
-        self, text: str, complete: bool, rejects: RejectList
+        self, text: str, complete: bool, rejects: RejectList, clean: bool
     ) -> tuple[dict[str, list[object]], list[int], int, list[tuple[int, str, _Backend | None]]]:
         cols: dict[str, list[object]] = {c: [] for c in RECORD_COLUMNS if c != "_start"}
         starts: list[int] = []
@@ -179,6 +182,11 @@ class PgStderrParser:
                 self._reject_gap(text, at, begin, line + text.count("\n", counted, at), rejects)
             line += text.count("\n", counted, begin)
             counted = begin
+            if not clean and _not_utf8(match.group()):
+                where = f"{self.options.name}:{line}"
+                rejects.add(begin, where, "invalid_utf8", "not UTF-8", match.group())
+                at = match.end() + 1
+                continue
             fields = {k: (None if v == "[unknown]" else v) for k, v in match.groupdict().items()}
             pid = fields.get("pid") or ""
             message = (fields["message"] or "").replace("\n\t", "\n")
@@ -226,6 +234,14 @@ class PgStderrParser:
                 rejects.add(begin, where, "malformed_line", detail, raw)
             begin += len(raw) + 1
             line += 1
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _drop_last(cols: dict[str, list[object]], starts: list[int]) -> None:

@@ -204,7 +204,9 @@ def mariadb_log(lines: int, *, seed: int = 0, syslog: bool = False) -> bytes:
         entries.append(("DISCONNECT", "saas", "", "0", 0))
         for op, db, obj, ret, qid in entries:
             time += dt.timedelta(milliseconds=rng.randrange(1, 50))
-            body = f"dbhost,{user},{host},{conn},{qid},{op},{db},{obj},{ret}"
+            body = (
+                f"dbhost,{user},{host},{conn},{qid},{op},{db},{obj},{ret if op != 'READ' else ''}"
+            )
             if syslog:
                 out.append(f"{time:%b %d %H:%M:%S} dbhost mysql-server_auditing: {body}\n")
             else:
