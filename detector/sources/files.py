@@ -180,7 +180,38 @@ def read_events(
 
 
 def _supported(path: Path) -> bool:
-    return path.name.lower().endswith(SUPPORTED_SUFFIXES)
+    name = path.name.lower()
+    if not name.endswith(SUPPORTED_SUFFIXES):
+        return False
+    fmt, compression = _suffix_of(name)
+    return fmt not in LOG_SUFFIXES or _looks_like_audit_log(path, compression)
+
+
+def _suffix_of(name: str) -> tuple[str, str]:
+    for fmt in _FORMATS:
+        for compression in _COMPRESSIONS:
+            if name.endswith(fmt + compression):
+                return fmt, compression
+    return "", ""
+
+
+_AUDIT_HEAD: Final = re.compile(
+    rb'^(?:\{"timestamp":"\d{4}-\d\d-\d\d |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\d{8} \d\d:\d\d:\d\d,'
+    rb"|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ \S+: )"
+)
+
+
+def _looks_like_audit_log(path: Path, compression: str) -> bool:
+    """Whether a .json/.csv/.log file starts like a database audit log (a PostgreSQL jsonlog,
+    csvlog or stderr line, a server_audit line or a syslog line). Other files with these
+    suffixes (labels.json, a spreadsheet export) are not event input."""
+    try:
+        with _opened(path, compression) as stream:
+            head = _read(stream, 4096, Location(str(path)))
+    except InputError:
+        return False
+    first = next((line for line in head.split(b"\n") if line.strip()), b"")
+    return bool(_AUDIT_HEAD.match(first.lstrip(_BOM)))
 
 
 def _split_suffix(path: Path) -> tuple[str, str]:
@@ -204,7 +235,12 @@ def _expand_one(entry: str) -> list[Path]:
             )
         return files
     if path.exists():
-        _split_suffix(path)
+        fmt, _ = _split_suffix(path)
+        if fmt in LOG_SUFFIXES and not _supported(path):
+            raise InputError(
+                f"{path}: not a database audit log (its first line is not a PostgreSQL or "
+                f"MariaDB log line); supported: {', '.join(SUPPORTED_SUFFIXES)}"
+            )
         return [path]
     if glob.has_magic(entry):
         files = _globbed(entry)
