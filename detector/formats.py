@@ -34,7 +34,9 @@ def _registry() -> dict[str, FeederFactory]:
 
 def _adapter(factory: Any) -> FeederFactory:
     def make(where: str, line: int, default_tz: str | None, options: Mapping[str, str]) -> Feeder:
-        feeder: Feeder = factory(where=where, line=line, default_tz=default_tz, **dict(options))
+        # adapters number lines from 1 in each stream they are given; a resumed stream says so
+        location = where if line <= 1 else f"{where} (resumed at line {line})"
+        feeder: Feeder = factory(location=location, timezone=default_tz, **dict(options))
         return feeder
 
     return make

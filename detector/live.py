@@ -102,7 +102,7 @@ class ReadQueue:
                 left = oldest + max_delay - time.monotonic()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.1))  # wake up to notice a stop
             out: list[Read] = []
             size = 0
             while self._items and (not out or size + self._items[0][1].events.height <= max_events):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -43,12 +44,21 @@ def run(settings: Settings, *, stdin_format: str | None = None) -> int:
             target=_pump_stdin, args=(service, sys.stdin.buffer, server), name="stdin", daemon=True
         ).start()
     log.info("api_listening", host=settings.api.host, port=port)
+    # The server handles SIGTERM/SIGINT while it runs and re-raises them to the handlers it
+    # found when it stops; these make that re-raise a log line instead of an abrupt exit, so
+    # the drain below always runs.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _note_signal)
     try:
         server.run(sockets=[sock])
     finally:
         log.info("draining")
         service.stop()
     return 0
+
+
+def _note_signal(signum: int, _frame: Any) -> None:
+    log.info("signal_received", signal=signal.Signals(signum).name)
 
 
 def _pump_stdin(service: Service, stream: IO[bytes], server: Any) -> None:

@@ -219,6 +219,10 @@ def create_app(service: Service) -> FastAPI:
             "feature_spec_hash": meta["feature_spec_hash"],
             "threshold": art.threshold,
             "created_at": meta.get("created_at"),
+            "feature_state": {
+                "events_seen": service.scorer.engine.events_seen_,
+                "principals": len(service.scorer.engine.principals_),
+            },
             "aliases": artefact.aliases(service.settings.models_dir / service.settings.model),
             "versions": artefact.versions(service.settings.models_dir / service.settings.model),
         }

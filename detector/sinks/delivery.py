@@ -48,7 +48,9 @@ def build(
             sender = SlackSender(
                 sink.name, sink.url, timeout=sink.timeout_s, external_url=external_url
             )
-        loops.append(OutboxWorker(engine, sender, metrics, poll_interval=1.0))
+        # the lease outlives the longest send, so a send cut off by a crash is retried soon after
+        loops.append(OutboxWorker(engine, sender, metrics, poll_interval=1.0,
+                                  lease=2 * sink.timeout_s + 1.0))
     return loops
 
 

@@ -282,9 +282,12 @@ class Store:
         return {(s, k): p for s, k, p in rows}
 
     def last_batch(self) -> int:
+        """The highest batch number used: in the read log or, when a snapshot has pruned the
+        log, the snapshot's (numbers must keep growing across restarts)."""
         with self.engine.connect() as conn:
-            seq = conn.execute(sa.select(sa.func.max(t.batches.c.seq))).scalar()
-        return int(seq or 0)
+            logged = conn.execute(sa.select(sa.func.max(t.batches.c.seq))).scalar()
+            snap = conn.execute(sa.select(sa.func.max(t.snapshots.c.seq))).scalar()
+        return max(int(logged or 0), int(snap or 0))
 
     def reads_after(self, seq: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """The read log after batch ``seq``, in order."""

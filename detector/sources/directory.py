@@ -10,11 +10,12 @@ contiguous stretch of one file plus the position after it:
   ``.tmp``/``.part`` and rename them into place; those names are never read.
 * Everything else is tailed by byte offset through a :mod:`feeder <detector.sources.feeders>`
   (canonical JSON lines or an audit-log adapter). A partial last line waits for its newline
-  (or for the file to be still for ``settle_s``). A file is known by device and inode, so a
-  file renamed by rotation keeps its position and is read to its end even when its new name
-  no longer matches the pattern; a file that shrinks below its position was truncated
-  (copytruncate) and is read again from the start; an inode reused for a new file is told apart
-  by the hash of its first bytes.
+  (or for the file to be still for ``settle_s``); an adapter holding back lines it may still
+  merge emits them once the file has been still for a second. A file is known by device and
+  inode, so a file renamed by rotation keeps its position and is read to its end even when
+  its new name no longer matches the pattern; a file that shrinks below its position was
+  truncated (copytruncate) and is read again from the start; an inode reused for a new file
+  is told apart by the hash of its first bytes.
 
 :meth:`DirectorySource.reread` reads a recorded stretch again, for the restart replay.
 """
@@ -44,6 +45,7 @@ _WHOLE: Final = tuple(s for s in SUPPORTED_SUFFIXES if s.endswith((".gz", ".zst"
 _IGNORED: Final = (".tmp", ".part", ".partial", ".swp")
 MAX_CHUNK: Final = 8 * 1024 * 1024
 _HEAD: Final = 1024
+_IDLE_S: Final = 1.0  # a file this long unchanged: its writer has paused
 
 
 @dataclass(slots=True)
@@ -77,9 +79,19 @@ def _whole(path: Path) -> bool:
     return path.name.endswith(_WHOLE)
 
 
-def _head_hash(path: Path, size: int) -> str:
+def _head_hash(path: Path, length: int) -> str:
+    """Hash of the first ``length`` bytes: with the inode, what tells a file from a new one
+    that reuses the inode."""
     with path.open("rb") as fh:
-        return hashlib.sha256(fh.read(min(size, _HEAD))).hexdigest()[:16]
+        return hashlib.sha256(fh.read(length)).hexdigest()[:16]
+
+
+def _with_head(pos: dict[str, Any], path: Path, size: int) -> dict[str, Any]:
+    """``pos`` with the head taken over as many bytes as there are now (up to _HEAD)."""
+    if int(pos.get("head_len", 0)) >= min(size, _HEAD):
+        return pos
+    length = min(size, _HEAD)
+    return {**pos, "head": _head_hash(path, length), "head_len": length}
 
 
 class DirectorySource:
@@ -158,30 +170,28 @@ class DirectorySource:
         return sorted(seen.values(), key=lambda f: (f.mtime, f.path.name))
 
     def _adopt(self, key: str, path: Path, size: int, mtime: float) -> _File | None:
+        """A file seen for the first time in this process: resume its saved position when the
+        saved head bytes still match (else the inode was reused: start over)."""
         f = _File(key, path, size, mtime)
         saved = self._saved.pop(key, None)
-        if size == 0:
-            if saved is not None:
+        if saved is not None:
+            length = int(saved.get("head_len", 0))
+            try:
+                same = length <= size and _head_hash(path, length) == saved.get("head")
+            except OSError:
+                return None
+            if same:
                 f.pos = saved
-            return f
-        try:
-            head = _head_hash(path, size)
-        except OSError:
-            return None
-        if saved is not None and saved.get("head") == head[: len(saved.get("head", ""))]:
-            f.pos = saved
-        else:
-            f.pos = {"path": str(path), "head": head}
-            if not _whole(path):
-                f.pos.update(offset=0, line=1)
-            else:
-                f.pos.update(frames=0)
+                return f
+        f.pos = {"path": str(path), "head": _head_hash(path, 0), "head_len": 0}
+        f.pos.update({"frames": 0} if _whole(path) else {"offset": 0, "line": 1})
         return f
 
     # ------------------------------------------------------------------ whole files
     def _read_whole(self, f: _File) -> Iterator[Read]:
         if f.still_since is None:
             f.still_since = self.clock()
+        f.pos = _with_head(f.pos, f.path, f.size)
         start_frames = int(f.pos.get("frames", 0))
         frames = read_events(
             [f.path],
@@ -226,20 +236,23 @@ class DirectorySource:
             log.warning(
                 "file_truncated", source=self.name, path=str(f.path), offset=offset, size=f.size
             )
-            f.pos = {**f.pos, "offset": 0, "line": 1, "head": _head_hash(f.path, f.size)}
+            f.pos = {**f.pos, "offset": 0, "line": 1, "head": _head_hash(f.path, 0), "head_len": 0}
             f.feeder, offset = None, 0
         if f.size == offset:
             return
+        f.pos = _with_head(f.pos, f.path, f.size)
         while offset < f.size:
             now = self.clock()
             if f.still_since is None:
                 f.still_since = now
-            settled = now - f.still_since >= self.settle_s
+            quiet = now - f.still_since
             data = self._bytes(f.path, offset, min(f.size - offset, MAX_CHUNK))
             if not data:
                 return
             last = offset + len(data) >= f.size
-            parsed = self._feeder(f).feed(data, final=last and settled)
+            parsed = self._feeder(f).feed(
+                data, final=last and quiet >= self.settle_s, idle=last and quiet >= _IDLE_S
+            )
             if parsed.consumed == 0:
                 if len(data) >= MAX_CHUNK:  # one record longer than a chunk: skip it
                     parsed = self._skip_overlong(f, data)

@@ -31,7 +31,7 @@ class Parsed(NamedTuple):
 
 
 class Feeder(Protocol):
-    def feed(self, data: bytes, *, final: bool = False) -> Parsed: ...
+    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed: ...
 
 
 class Collector(Quarantine):
@@ -65,7 +65,8 @@ class CanonicalLines:
         self._rejects = Collector()
         self._parse = files.line_parser(self._rejects, default_tz)
 
-    def feed(self, data: bytes, *, final: bool = False) -> Parsed:
+    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
+        """``idle`` changes nothing here: every complete line is emitted at once anyway."""
         end = len(data) if final else data.rfind(b"\n") + 1
         if end <= 0:
             return Parsed(schema.empty_events(), empty_rejects(), 0)
