@@ -153,6 +153,34 @@ def samples_generate(
 
 
 # ------------------------------------------------------------------------------------ train
+LogFormat = Annotated[
+    str,
+    typer.Option(
+        "--log-format",
+        help="Format of .json/.csv/.log audit logs: auto, pgaudit-jsonlog, pgaudit-csvlog, "
+        "pgaudit-stderr, mariadb-audit or mariadb-syslog.",
+    ),
+]
+LogLinePrefix = Annotated[
+    str | None,
+    typer.Option("--log-line-prefix", help="PostgreSQL log_line_prefix of stderr logs."),
+]
+TimeZone = Annotated[
+    str | None,
+    typer.Option("--timezone", help="Zone of timestamps that carry none (e.g. MariaDB's)."),
+]
+
+
+def _reading(log_format: str, prefix: str | None, tz: str | None) -> pipeline.Reading:
+    from detector.adapters import ADAPTERS
+    from detector.errors import UnknownNameError
+
+    if log_format != "auto" and log_format not in ADAPTERS:
+        raise UnknownNameError("log format", log_format, ("auto", *ADAPTERS))
+    options = {"log_line_prefix": prefix} if prefix else {}
+    return pipeline.Reading(log_format, options, tz)
+
+
 @app.command()
 def train(
     inputs: Annotated[list[str], typer.Option("--input", help="Log files, directories or globs.")],
@@ -171,9 +199,13 @@ def train(
         bool, typer.Option(help="Point the 'current' alias at the new version.")
     ] = False,
     quarantine: Annotated[Path | None, typer.Option(help="Where rejected records go.")] = None,
+    log_format: LogFormat = "auto",
+    log_line_prefix: LogLinePrefix = None,
+    timezone: TimeZone = None,
 ) -> None:
     """Replay history through the feature engine, fit, calibrate and write a model version."""
     opts = pipeline.TrainOptions(
+        reading=_reading(log_format, log_line_prefix, timezone),
         n_trees=trees,
         max_samples=max_samples,
         seed=seed,
@@ -231,8 +263,12 @@ def score(
     warmup_hours: Annotated[float, typer.Option(min=0.0)] = 24.0,
     batch_rows: Annotated[int, typer.Option(min=1)] = 100_000,
     quarantine: Annotated[Path | None, typer.Option(help="Where rejected records go.")] = None,
+    log_format: LogFormat = "auto",
+    log_line_prefix: LogLinePrefix = None,
+    timezone: TimeZone = None,
 ) -> None:
     """Score logs in batch and write incidents."""
+    reading = _reading(log_format, log_line_prefix, timezone)
     with Quarantine(quarantine) as q:
         report = pipeline.score(
             model,
@@ -242,6 +278,7 @@ def score(
             warmup_hours=warmup_hours,
             quarantine=q,
             progress=RichProgress(),
+            reading=reading,
         )
     _print_score(report, out_path)
 
@@ -292,16 +329,20 @@ def evaluate_cmd(
     max_false_per_day: Annotated[float | None, typer.Option(min=0.0)] = None,
     warmup_hours: Annotated[float, typer.Option(min=0.0)] = 24.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report.")] = None,
+    log_format: LogFormat = "auto",
+    log_line_prefix: LogLinePrefix = None,
+    timezone: TimeZone = None,
 ) -> None:
     """Per scenario caught/missed and time to detect; false incidents per day. Exits 1 when a
     gate (--min-recall, --max-false-per-day) is not met."""
     from detector.evaluation import evaluate, load_labels
 
     label_data = load_labels(labels)
+    reading = _reading(log_format, log_line_prefix, timezone)
     reports = {}
     for ref in models:
         scored = pipeline.score(
-            ref, inputs, None, warmup_hours=warmup_hours, progress=RichProgress()
+            ref, inputs, None, warmup_hours=warmup_hours, progress=RichProgress(), reading=reading
         )
         reports[scored.model] = (evaluate(scored.incidents, label_data), scored)
     names = list(reports)

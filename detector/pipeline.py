@@ -61,6 +61,17 @@ class _Silent:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """How input files are read: the audit-log format of ``.json``/``.csv``/``.log`` files
+    (``auto`` guesses from name and first line), adapter options such as
+    ``log_line_prefix``, and the zone of timestamps that carry none."""
+
+    log_format: str = "auto"
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    default_tz: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainOptions:
     n_trees: int = 100
     max_samples: int = 256
@@ -73,6 +84,7 @@ class TrainOptions:
     exclude_labels: Path | None = None
     promote: bool = False
     settings: FeatureSettings = field(default_factory=lambda: FeatureSettings())
+    reading: Reading = field(default_factory=Reading)
 
 
 @dataclass
@@ -151,8 +163,18 @@ def _events(
     batch_rows: int,
     exclude: pl.Expr | None,
     counts: Counter[str],
+    reading: Reading | None = None,
 ) -> Iterator[pl.DataFrame]:
-    for batch in read_events(paths, batch_rows=batch_rows, quarantine=quarantine):
+    how = reading or Reading()
+    batches = read_events(
+        paths,
+        batch_rows=batch_rows,
+        quarantine=quarantine,
+        default_tz=how.default_tz,
+        log_format=how.log_format,
+        adapter_options=how.adapter_options,
+    )
+    for batch in batches:
         if exclude is not None:
             mask = batch.select(exclude).to_series()
             dropped = int(mask.sum())
@@ -183,7 +205,7 @@ def train(
     t_start = time.perf_counter()
     prog.start("replaying history", total_rows(paths))
     frames = []
-    for batch in _events(paths, quarantine, opts.batch_rows, exclude, counts):
+    for batch in _events(paths, quarantine, opts.batch_rows, exclude, counts, opts.reading):
         frames.append(engine.transform(batch).select(_TRAIN_COLUMNS))
         prog.advance(batch.height)
     prog.finish()
@@ -359,6 +381,7 @@ def score(
     quarantine: Quarantine | None = None,
     progress: Progress | None = None,
     on_anomalies: Callable[[pl.DataFrame], None] | None = None,
+    reading: Reading | None = None,
 ) -> ScoreReport:
     """Score logs in batch and write incidents as JSON lines.
 
@@ -372,7 +395,7 @@ def score(
     art = store.load(model_ref)
     counts: Counter[str] = Counter()
     t_start = time.perf_counter()
-    batches = _events(paths, quarantine, batch_rows, None, counts)
+    batches = _events(paths, quarantine, batch_rows, None, counts, reading)
     first = next(batches, None)
     ended = state_end(art)
     first_time = first["event_time"].min() if first is not None else None

@@ -1,0 +1,180 @@
+"""End to end against a real PostgreSQL with pgaudit: `exfilwatch serve` tails the cluster's
+jsonlog directory; normal application traffic raises nothing, a bulk read of the clients table
+with the application's credentials from a new client becomes a stored incident and a signed
+webhook.
+
+Loopback has one source address (127.0.0.1), so "new address" cannot be staged here; the
+attack differs from the history by its client application and its volume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from detector import pipeline
+from detector.samples import write_sample
+from detector.sinks.receiver import WebhookReceiver
+from tests.pgcluster import PgCluster, free_port, unavailable_reason
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+CLIENTS = 20_000
+SCHEMA = f"""
+CREATE TABLE clients (id int PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+CREATE TABLE accounts (id int PRIMARY KEY, client_id int NOT NULL, balance numeric NOT NULL);
+INSERT INTO clients SELECT g, 'client ' || g, 'c' || g || '@example.com'
+  FROM generate_series(1, {CLIENTS}) g;
+INSERT INTO accounts SELECT g, 1 + g % {CLIENTS}, g FROM generate_series(1, 60000) g;
+CREATE ROLE app_api LOGIN PASSWORD 'app-secret';
+GRANT SELECT ON clients, accounts TO app_api;
+"""
+
+
+def _need_server() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no PostgreSQL with pgaudit: {reason}")
+        pytest.skip(reason)
+
+
+def _history_model(tmp: Path) -> Path:
+    """A model trained on three simulated days ending yesterday, in which the application's
+    account connects from 127.0.0.1, as it will in the live cluster."""
+    start = (datetime.now(UTC) - timedelta(days=4)).date()
+    sample = tmp / "history"
+    write_sample(sample, days=3, seed=11, start=start, events_per_day=6000, attack_days=0)
+    events = pl.read_parquet(sample / "events.parquet").with_columns(
+        client_ip=pl.when(pl.col("db_user") == "app_api")
+        .then(pl.lit("127.0.0.1"))
+        .otherwise(pl.col("client_ip"))
+    )
+    events.write_parquet(sample / "local.parquet")
+    models = tmp / "models"
+    pipeline.train(
+        [sample / "local.parquet"], models / "default",
+        pipeline.TrainOptions(false_alerts_per_day=0.5, promote=True),
+    )
+    return models
+
+
+def _get(port: int, path: str) -> httpx.Response | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2)
+    except httpx.HTTPError:
+        return None
+
+
+def _wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_serve_tails_pgaudit_and_turns_a_bulk_read_into_an_incident_and_a_webhook(
+    tmp_path: Path,
+) -> None:
+    _need_server()
+    models = _history_model(tmp_path)
+    cluster = PgCluster.create(tmp_path / "pg", settings={"log_destination": "'jsonlog'"})
+    cluster.start()
+    proc = None
+    try:
+        with cluster.connect() as conn:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        # what set the cluster up is not the traffic under test: move its log aside and have
+        # the server start a fresh file (the rotation's own statement is not audited)
+        setup_log = cluster.log_file("jsonlog")
+        with cluster.connect() as conn:
+            conn.execute("SET pgaudit.log = 'none'")
+            shutil.move(setup_log, tmp_path / "setup.json")
+            conn.execute("SELECT pg_rotate_logfile()")
+        _wait(setup_log.exists, 20, "the server to reopen its log")
+        port = free_port()
+        with WebhookReceiver(secrets=[SECRET]) as receiver:
+            cfg = tmp_path / "serve.toml"
+            cfg.write_text(
+                f"""
+state_dir = "{tmp_path / "var"}"
+models_dir = "{models}"
+[api]
+port = {port}
+[[sources]]
+name = "pg"
+kind = "directory"
+path = "{cluster.log_dir}"
+pattern = "*.json"
+format = "pgaudit-jsonlog"
+[[sinks]]
+name = "soc"
+kind = "webhook"
+url = "{receiver.url}/hook"
+secret = "{SECRET}"
+[pipeline]
+batch_delay_s = 0.05
+poll_s = 0.05
+"""
+            )
+            exe = shutil.which("exfilwatch")
+            assert exe is not None
+            log = (tmp_path / "serve.log").open("wb")
+            proc = subprocess.Popen([exe, "serve", "--config", str(cfg)], stderr=log,
+                                    stdout=subprocess.DEVNULL)
+            _wait(lambda: (r := _get(port, "/readyz")) is not None and r.status_code == 200,
+                  60, "the service to be ready")
+            seen0 = _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
+            # normal traffic: the application reads one client at a time
+            app = {"password": "app-secret", "application_name": "saas-web"}
+            for round_ in range(4):
+                with cluster.connect("app_api", **app) as conn:
+                    for client in range(1 + round_ * 25, 26 + round_ * 25):
+                        conn.execute("SELECT id, name, email FROM clients WHERE id = %s",
+                                     (client,)).fetchall()
+                        conn.execute("SELECT id, balance FROM accounts WHERE client_id = %s",
+                                     (client,)).fetchall()
+            # 4 logins + 200 reads
+            _wait(lambda: _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
+                  >= seen0 + 204, 60, "the normal traffic to be scored")
+            assert _get(port, "/v1/incidents").json()["items"] == []  # type: ignore[union-attr]
+            # the attack: the application's credentials in a desktop SQL client, whole table
+            with cluster.connect("app_api", password="app-secret",
+                                 application_name="DBeaver 23.2.0") as conn:
+                rows = conn.execute("SELECT * FROM clients").fetchall()
+            assert len(rows) == CLIENTS
+            items = _wait(lambda: _get(port, "/v1/incidents").json()["items"],  # type: ignore[union-attr]
+                          60, "an incident")
+            assert len(items) == 1
+            incident = items[0]
+            assert incident["principal"] == "app_api"
+            assert "public.clients" in incident["tables"]
+            assert incident["rows_read"] >= CLIENTS
+            assert "DBeaver 23.2.0" in incident["client_apps"]
+            assert incident["severity"] in ("high", "critical")
+            assert incident["statement"] == "SELECT * FROM clients"
+            _wait(lambda: [r for r in receiver.successes()
+                           if r.json()["data"]["id"] == incident["id"]], 60, "the webhook")
+            assert all(r.verified for r in receiver.successes())
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+            proc = None
+    finally:
+        if proc is not None:
+            proc.kill()
+        cluster.stop()
+        cluster.remove()
