@@ -182,6 +182,9 @@ class Settings(BaseSettings):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what} names must be unique; repeated: {', '.join(dup)}")
+        reserved = sorted({s.name for s in self.sources} & {"http", "stdin"})
+        if reserved:
+            raise ValueError(f"source names http and stdin are the service's own: {reserved}")
         return self
 
     @property

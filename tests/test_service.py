@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from detector import pipeline
 from detector.features.engine import FeatureEngine
@@ -173,3 +174,76 @@ def test_promoting_a_model_switches_the_running_service(tmp_path: Path) -> None:
                        "feature_spec": service.scorer.artefact.metadata["feature_spec_hash"][:12]}) == 1
         assert artefact.aliases(models / "default") == {"current": "v2"}
         assert client.post("/v1/model/promote", json={"version": "v9"}).status_code == 400
+
+
+def test_postgresql_store_gives_the_same_incidents_and_survives_restart(
+    tmp_path: Path, live_sample: Path
+) -> None:
+    from tests.test_delivery_support import postgres_database
+
+    models = models_copy(tmp_path)
+    lines = _lines(live_sample)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "a.jsonl").write_bytes(b"".join(lines[:15000]))
+    with postgres_database() as url:
+        settings = settings_for(tmp_path, models, store={"url": url})
+        with running(settings) as service:
+            assert service.store.engine.dialect.name == "postgresql"
+            assert service.wait_idle(timeout=120)
+            service.crash_for_tests()
+        (tmp_path / "spool" / "b.jsonl").write_bytes(b"".join(lines[15000:]))
+        with running(settings) as service:
+            assert service.wait_idle(timeout=120)
+            ids = {inc["id"] for inc in all_incidents(service)}
+            assert metric(service, "exfilwatch_events_scored_total") == len(lines) - 15000
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(b"".join(lines))
+    assert ids == _batch_ids(models, whole)
+
+
+def test_config_check_names_every_error(tmp_path: Path) -> None:
+    from tests.conftest import exfilwatch
+
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[api]\nport = 8081\ntoken = "t"\n\n[[sources]]\nname = "pg"\nkind = "directory"\n'
+        'path = "/var/log/postgresql"\nformat = "pgaudit-csvlog"\npattern = "*.csv"\n\n'
+        '[[sinks]]\nname = "soc"\nkind = "webhook"\nurl = "https://soc.example/hook"\n'
+        'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"\n'
+    )
+    ok = exfilwatch("config", "check", str(good), cwd=Path(__file__).resolve().parents[1])
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout and "pgaudit-csvlog" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[api]\nport = 99999\ncolour = "red"\n\n[[sinks]]\nname = "soc"\nkind = "webhook"\n'
+        'url = "https://soc.example/hook"\n\n[[sinks]]\nname = "x"\nkind = "pager"\nurl = "u"\n'
+    )
+    run = exfilwatch("config", "check", str(bad))
+    assert run.returncode == 2
+    for needle in ("api.port", "api.colour", "sinks.0.webhook.secret", "sinks.1", "4 error(s)"):
+        assert needle in run.stderr, (needle, run.stderr)
+    fmt = tmp_path / "fmt.toml"
+    fmt.write_text('[[sources]]\nname = "pg"\nkind = "directory"\npath = "x"\nformat = "oracle"\n')
+    run = exfilwatch("config", "check", str(fmt), cwd=tmp_path)
+    assert run.returncode == 2
+    assert "sources.0.format: unknown format 'oracle'" in run.stderr
+    assert "model:" in run.stderr  # and no models/ under the working directory
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[api\n")
+    run = exfilwatch("config", "check", str(broken))
+    assert run.returncode == 2 and "not valid TOML" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_environment_overrides_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector import config
+
+    path = tmp_path / "c.toml"
+    path.write_text('[api]\nport = 8081\ntoken = "from-file"\n')
+    monkeypatch.setenv("EXFILWATCH_API__TOKEN", "from-env")
+    monkeypatch.setenv("EXFILWATCH_PIPELINE__BATCH_EVENTS", "123")
+    loaded = config.load(path)
+    assert (loaded.api.port, loaded.api.token, loaded.pipeline.batch_events) == (8081, "from-env", 123)
+    monkeypatch.setenv("EXFILWATCH_PIPELINE__BATCH_EVENTS", "zero")
+    with pytest.raises(config.ConfigError, match=r"pipeline\.batch_events"):
+        config.load(path)
