@@ -4,11 +4,13 @@ bounded session memory and the rule that decides how much of a chunk is consumed
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Generic, Protocol, TypeVar
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from detector import schema
 from detector.quarantine import redact_text
@@ -176,3 +178,19 @@ def finish_rejects(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 def no_events() -> pl.DataFrame:
     return schema.empty_events()
+
+
+def kv_list(frame: pl.DataFrame, keys: Sequence[str], name: str = "extra") -> pl.Series:
+    """The canonical ``extra`` column (a list of key/value structs per row) holding ``keys``
+    of ``frame`` as text: built from flat Arrow arrays, several times faster than a list of
+    structs assembled expression by expression."""
+    width = len(keys)
+    values = (
+        frame.select(pl.concat_list(pl.col(k).cast(pl.String) for k in keys).alias("v"))
+        .to_series()
+        .explode()
+    )
+    names = pl.Series("key", list(keys) * frame.height, dtype=pl.String)
+    inner = pl.DataFrame({"key": names, "value": values}).to_struct("kv").to_arrow()
+    offsets = pa.array(np.arange(0, width * frame.height + 1, width, dtype=np.int32))
+    return pl.Series(name, pa.ListArray.from_arrays(offsets, inner))
