@@ -573,6 +573,7 @@ class Service:
                         Path(pos["path"]).unlink()
                     done.add(key)
             src.forget(done)
+            self.store.forget_positions(name, sorted(done))
 
     # ------------------------------------------------------------------ delivery
     def _start_delivery(self) -> None:

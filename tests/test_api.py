@@ -65,8 +65,11 @@ def test_ingest_takes_every_body_format_and_counts_rejects(tmp_path: Path, live_
         assert metric(service, "exfilwatch_events_scored_total") == 400
         assert metric(service, "exfilwatch_events_ingested_total", {"source": "http", "format": "json"}) == 100
         assert metric(service, "exfilwatch_events_rejected_total", {"source": "http", "reason": "malformed_json"}) == 1
+        service.snapshot()
+        positions = service.store.positions()
     # the journal is durable state: nothing left over once a snapshot covered it
     assert not [p for p in (tmp_path / "var" / "journal" / "http").iterdir() if not p.name.startswith(".")]
+    assert not [key for key in positions if key[0] == "http"]
 
 
 def test_body_limit_and_token(tmp_path: Path) -> None:

@@ -332,6 +332,19 @@ class Store:
             conn.execute(t.batches.delete().where(t.batches.c.seq <= snap.seq))
         return [p for p in old if p != snap.path]
 
+    def forget_positions(self, source: str, keys: Sequence[str]) -> None:
+        """Drop the positions of files that are gone for good (journal files a snapshot
+        covers), so the table does not grow with every request ever journaled."""
+        if not keys:
+            return
+        with self._write_lock, self.engine.begin() as conn:
+            for i in range(0, len(keys), 500):
+                conn.execute(
+                    t.positions.delete()
+                    .where(t.positions.c.source == source)
+                    .where(t.positions.c.key.in_(list(keys[i : i + 500])))
+                )
+
     def incident(self, incident_id: str) -> dict[str, Any] | None:
         c = t.incidents.c
         with self.engine.connect() as conn:
