@@ -492,6 +492,7 @@ class Service:
         if journal:
             with self._backlog_lock:
                 self._journal_backlog = max(0, self._journal_backlog - journal)
+                self.metrics.queue_depth.labels("http_journal").set(self._journal_backlog)
         if opened:
             self._wake_delivery()
 
@@ -599,6 +600,7 @@ class Service:
         result = self.http.ingest(body, kind, request_id)
         with self._backlog_lock:
             self._journal_backlog += result.accepted
+            self.metrics.queue_depth.labels("http_journal").set(self._journal_backlog)
         self.metrics.events_ingested.labels("http", kind).inc(result.accepted)
         self.metrics.http_requests.labels("accepted").inc()
         return result
