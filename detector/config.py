@@ -53,6 +53,9 @@ class ApiSettings(_Strict):
     token: str | None = Field(
         None, description="Bearer token required by every write (ingest, ack, promote)."
     )
+    token_file: Path | None = Field(
+        None, description="File holding the token (e.g. a mounted secret); wins over token."
+    )
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest POST /v1/events body accepted."
     )
@@ -73,9 +76,12 @@ class DirectorySource(_Strict):
     """Files dropped into (or written in) a directory: Parquet and compressed JSON lines are
     read once; plain JSON lines and audit logs are tailed, following rotation."""
 
-    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
-    kind: Literal["directory"] = "directory"
-    path: Path
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="Source name, used in metrics labels (http and stdin are reserved).",
+    )
+    kind: Literal["directory"] = Field("directory", description="The source type.")
+    path: Path = Field(description="Directory to watch (created when missing).")
     format: str = Field(
         "canonical",
         description="canonical (Parquet / JSON lines by suffix) or an audit-log adapter name.",
@@ -91,10 +97,14 @@ SourceSettings = Annotated[DirectorySource, Field(discriminator="kind")]
 
 
 class _SinkBase(_Strict):
-    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Sink name, used in metrics labels."
+    )
     kinds: tuple[str, ...] = Field(ALERT_KINDS, description="Alert kinds sent to this sink.")
-    min_severity: Literal["low", "medium", "high", "critical"] = "low"
-    timeout_s: float = Field(10.0, gt=0)
+    min_severity: Literal["low", "medium", "high", "critical"] = Field(
+        "low", description="Alerts of lower severity are not sent to this sink."
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout, seconds.")
 
     @field_validator("kinds")
     @classmethod
@@ -106,22 +116,41 @@ class _SinkBase(_Strict):
 
 
 class WebhookSink(_SinkBase):
-    kind: Literal["webhook"] = "webhook"
-    url: str
-    secret: str = Field(
+    kind: Literal["webhook"] = Field("webhook", description="Signed JSON webhook.")
+    url: str = Field(description="Where alerts are POSTed.")
+    secret: str | None = Field(
+        None,
         description="Standard Webhooks secret (whsec_...); several separated by spaces, for "
-        "rotation. Prefer EXFILWATCH_SINKS__<n>__SECRET or a mounted file over the config file."
+        "rotation. Prefer secret_file (a mounted secret) over putting it in the file.",
     )
-    headers: dict[str, str] = Field(default_factory=dict)
+    secret_file: Path | None = Field(
+        None, description="File holding the secret(s); wins over secret."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra request headers, e.g. Authorization."
+    )
+
+    @model_validator(mode="after")
+    def _has_secret(self) -> WebhookSink:
+        if not self.secret and self.secret_file is None:
+            raise ValueError("a webhook sink needs secret or secret_file")
+        return self
+
+    def secrets(self) -> list[str]:
+        """The signing secret(s), read from secret_file when one is named."""
+        text = _read_secret(self.secret_file) if self.secret_file else self.secret or ""
+        return text.split()
 
 
 class SlackSink(_SinkBase):
-    kind: Literal["slack"] = "slack"
-    url: str
+    kind: Literal["slack"] = Field("slack", description="Slack incoming webhook.")
+    url: str = Field(description="The incoming-webhook URL (treat it as a secret).")
 
 
 class AlertmanagerSink(_SinkBase):
-    kind: Literal["alertmanager"] = "alertmanager"
+    kind: Literal["alertmanager"] = Field(
+        "alertmanager", description="Alertmanager v2 API, kept in sync with open incidents."
+    )
     url: str = Field(description="Alertmanager base URL, e.g. http://127.0.0.1:9093.")
     interval_s: float = Field(30.0, gt=0, description="How often open incidents are re-sent.")
 
@@ -163,7 +192,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("var"), description="Where the service keeps its state.")
     models_dir: Path = Field(Path("models"), description="Model root.")
     model: str = Field("default", description="Model name; the version its `current` names.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level logged (JSON lines on stderr)."
+    )
     api: ApiSettings = ApiSettings()
     store: StoreSettings = StoreSettings()
     sources: list[SourceSettings] = Field(
@@ -187,6 +218,12 @@ class Settings(BaseSettings):
             raise ValueError(f"source names http and stdin are the service's own: {reserved}")
         return self
 
+    def api_token(self) -> str | None:
+        """The bearer token, read from api.token_file when one is named."""
+        if self.api.token_file is not None:
+            return _read_secret(self.api.token_file).strip() or None
+        return self.api.token
+
     @property
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{self.state_dir / 'exfilwatch.db'}"
@@ -202,6 +239,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # environment over file values (passed as init kwargs) over defaults
         return (env_settings, init_settings)
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror or exc}") from exc
 
 
 def load(path: Path | None = None) -> Settings:

@@ -182,6 +182,8 @@ class Service:
         self._restore()
         self._start_delivery()
         self.queue = ReadQueue(s.pipeline.queue_events, self.metrics)
+        for name in ("scoring", "http_journal"):
+            self.metrics.queue_capacity.labels(name).set(s.pipeline.queue_events)
         self._spawn("reader", self._read_loop)
         self._spawn("scorer", self._score_loop)
         self.health.sources_running = True

@@ -73,8 +73,10 @@ def test_ingest_takes_every_body_format_and_counts_rejects(tmp_path: Path, live_
 
 
 def test_body_limit_and_token(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cret\n")  # a mounted secret wins over the inline token
     settings = settings_for(tmp_path, models_copy(tmp_path),
-                            api={"token": "s3cret", "max_body_bytes": 2048})
+                            api={"token": "other", "token_file": str(tmp_path / "token"),
+                                 "max_body_bytes": 2048})
     with running(settings) as service, api(service) as client:
         body = b"[]"
         assert client.post("/v1/events", content=body).status_code == 401
@@ -194,11 +196,15 @@ def test_health_readiness_and_metrics_follow_the_naming_rules(tmp_path: Path) ->
         assert ready.status_code == 200 and ready.json()["ready"] is True
         text = client.get("/metrics").text
         names = set(re.findall(r"^# TYPE (\S+) (\S+)", text, re.M))
-        assert names and all(n.startswith("exfilwatch_") for n, _ in names)
+        ours = {(n, k) for n, k in names if n.startswith("exfilwatch_")}
+        # besides ours, only the client library's standard process and runtime series
+        assert ours and all(n.startswith(("process_", "python_")) for n, _ in names - ours)
+        names = ours
         assert all(n.endswith("_total") or kind != "counter" for n, kind in names)
         labels = set(re.findall(r"[{,](\w+)=", text))
         assert labels <= {"source", "format", "reason", "severity", "sink", "outcome", "queue",
-                          "name", "version", "feature_spec", "le"}
+                          "name", "version", "feature_spec", "le", "implementation", "major",
+                          "minor", "patchlevel"}
         assert client.get("/openapi.json").json()["paths"]["/v1/events"]["post"]
         service.crash_for_tests()
         assert client.get("/readyz").status_code == 503

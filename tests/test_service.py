@@ -221,7 +221,7 @@ def test_config_check_names_every_error(tmp_path: Path) -> None:
     )
     run = exfilwatch("config", "check", str(bad))
     assert run.returncode == 2
-    for needle in ("api.port", "api.colour", "sinks.0.webhook.secret", "sinks.1", "4 error(s)"):
+    for needle in ("api.port", "api.colour", "sinks.0.webhook: Value error, a webhook sink needs secret", "sinks.1", "4 error(s)"):
         assert needle in run.stderr, (needle, run.stderr)
     fmt = tmp_path / "fmt.toml"
     fmt.write_text('[[sources]]\nname = "pg"\nkind = "directory"\npath = "x"\nformat = "oracle"\n')
@@ -247,3 +247,18 @@ def test_environment_overrides_the_config_file(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("EXFILWATCH_PIPELINE__BATCH_EVENTS", "zero")
     with pytest.raises(config.ConfigError, match=r"pipeline\.batch_events"):
         config.load(path)
+
+
+def test_webhook_secrets_come_from_a_file(tmp_path: Path) -> None:
+    from detector import config
+
+    secret = tmp_path / "secret"
+    secret.write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_c2VjcmV0LW9mLWEtcm90YXRlZC1lbmRwb2ludC0x\n")
+    sink = {"name": "soc", "kind": "webhook", "url": "http://127.0.0.1:9/h", "secret_file": str(secret)}
+    loaded = config.Settings(sinks=[sink])
+    assert loaded.sinks[0].secrets() == secret.read_text().split()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="secret or secret_file"):
+        config.Settings(sinks=[{k: v for k, v in sink.items() if k != "secret_file"}])
+    missing = config.Settings(sinks=[{**sink, "secret_file": str(tmp_path / "nope")}])
+    with pytest.raises(config.ConfigError, match="cannot read secret file"):
+        missing.sinks[0].secrets()  # type: ignore[union-attr]

@@ -74,7 +74,7 @@ def create_app(service: Service) -> FastAPI:
         summary="Catches bulk theft of customer data in database access logs.",
         version="0.1.0",
     )
-    token = service.settings.api.token
+    token = service.settings.api_token()
     limit = service.settings.api.max_body_bytes
 
     def writer(authorization: Annotated[str | None, Header()] = None) -> None:

@@ -40,7 +40,7 @@ def build(
             sender = WebhookSender(
                 sink.name,
                 sink.url,
-                sink.secret.split(),
+                sink.secrets(),
                 timeout=sink.timeout_s,
                 headers=sink.headers,
             )
