@@ -429,21 +429,24 @@ class Service:
         self._decided_warmup = True
 
     def _apply(self, tx: Any, pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Fold a batch's incident pieces into the store; returns the incidents opened."""
         if not pieces:
             return []
         gap = self.scorer.gap_s
         keys = sorted({p["group_key"] for p in pieces})
         active = tx.active_incidents(keys)
         verdicts = tx.suppressions(keys)
-        opened = []
+        created: dict[str, dict[str, Any]] = {}
+        updated: dict[str, dict[str, Any]] = {}
+        alerts: list[tuple[str, dict[str, Any], str]] = []
         for piece in pieces:
             key = piece["group_key"]
             current = active.get(key)
             if current is not None and merge.extends(current, piece, gap):
                 folded = merge.fold(current, piece)
-                tx.save_incident(folded, new=False)
+                (created if folded["id"] in created else updated)[folded["id"]] = folded
                 if current["status"] != "false_positive" and merge.escalated(current, folded):
-                    tx.add_alert("incident.escalated", folded, folded["severity"])
+                    alerts.append(("incident.escalated", folded, folded["severity"]))
                 active[key] = folded
                 continue
             doc = dict(piece)
@@ -452,12 +455,23 @@ class Service:
                 doc["status"] = "false_positive"
                 doc["suppressed_by"] = {"feedback": match[0], "until": match[2]}
                 self.metrics.alerts_suppressed.inc()
-            tx.save_incident(doc, new=True)
-            if match is None:
-                tx.add_alert("incident.opened", doc)
-                opened.append(doc)
+            else:
+                alerts.append(("incident.opened", doc, ""))
+            created[doc["id"]] = doc
             active[key] = doc
-        return opened
+        tx.save_incidents(list(created.values()), new=True)
+        tx.save_incidents(list(updated.values()), new=False)
+        # an alert carries the incident as committed with this batch
+        final = {**created, **updated}
+        tx.add_alerts(
+            [
+                (kind, final[doc["id"]], detail)
+                for kind, doc, detail in alerts
+                # an incident opened in this batch is announced once, at its final severity
+                if not (kind == "incident.escalated" and doc["id"] in created)
+            ]
+        )
+        return [final[d["id"]] for k, d, _ in alerts if k == "incident.opened"]
 
     def _after_commit(
         self, reads: list[Read], events: pl.DataFrame, opened: list[dict[str, Any]], started: float
@@ -512,13 +526,16 @@ class Service:
         quiet = timedelta(seconds=self.settings.incidents.resolve_after_s)
         watermark = getattr(self, "watermark", None)
         with self.store.transaction() as tx:
-            ids = tx.idle_incidents(watermark - quiet if watermark else None, tx.now - quiet)
-            for incident_id in ids:
-                self._resolve(tx, incident_id, "quiet for the resolve period", None)
-        if ids:
+            docs = tx.resolve_idle(
+                watermark - quiet if watermark else None,
+                tx.now - quiet,
+                "quiet for the resolve period",
+            )
+            tx.add_alerts([("incident.resolved", doc, "") for doc in docs])
+        if docs:
             self._wake_delivery()
         self._count_open()
-        return len(ids)
+        return len(docs)
 
     def _resolve(self, tx: Any, incident_id: str, comment: str | None, by: str | None) -> None:
         tx.set_status(incident_id, "resolved", comment, by)

@@ -342,16 +342,26 @@ class FeatureEngine:
         return np.ascontiguousarray(mapped.to_numpy())
 
     def _principal_index(self, users: pl.Series) -> np.ndarray:
-        for name in users.unique(maintain_order=True).to_list():
+        batch = users.unique(maintain_order=True).to_list()
+        for name in batch:
             if name not in self.principals_:
                 self.principals_[name] = len(self.principals_)
         grow = len(self.principals_) - self.state_.shape[0]
         if grow > 0:
-            extra = max(grow, self.state_.shape[0] // 2, 64)
-            self.state_ = np.vstack([self.state_, np.zeros((extra, K.N_STATE))])
-        names = list(self.principals_)
-        idx = users.replace_strict(names, list(range(len(names))), return_dtype=pl.Int64)
+            self._grow(max(grow, self.state_.shape[0] // 2, 64))
+        # map only this batch's principals: the cost follows the batch, not the population
+        rows = [self.principals_[name] for name in batch]
+        idx = users.replace_strict(batch, rows, return_dtype=pl.Int64)
         return np.ascontiguousarray(idx.to_numpy())
+
+    def _grow(self, extra: int) -> None:
+        """Add ``extra`` zeroed principal rows. In place where the array owns its memory (the
+        allocator can then extend it without holding two copies), else by copying."""
+        rows = self.state_.shape[0] + extra
+        try:
+            self.state_.resize((rows, K.N_STATE), refcheck=False)
+        except ValueError:
+            self.state_ = np.vstack([self.state_, np.zeros((extra, K.N_STATE))])
 
     # ------------------------------------------------------------------ output
     def frame(self, batch: FeatureBatch, mask: np.ndarray | None = None) -> pl.DataFrame:
@@ -423,7 +433,7 @@ class FeatureEngine:
         if arrays["principal_state"].shape != (len(names), K.N_STATE):
             raise ModelError(f"feature state in {directory} is inconsistent")
         self.principals_ = {name: i for i, name in enumerate(names)}
-        self.state_ = np.ascontiguousarray(arrays["principal_state"], dtype=np.float64)
+        self.state_ = np.array(arrays["principal_state"], dtype=np.float64, order="C")
         self.keys_ = np.ascontiguousarray(arrays["keys"], dtype=np.int64)
         self.kinds_ = np.ascontiguousarray(arrays["kinds"], dtype=np.int8)
         self.ta_ = np.ascontiguousarray(arrays["ta"], dtype=np.float64)

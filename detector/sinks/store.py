@@ -111,28 +111,71 @@ class Tx:
         return out
 
     def save_incident(self, doc: dict[str, Any], *, new: bool) -> None:
-        values = {
-            "group_key": doc["group_key"],
-            "principal": doc["principal"],
-            "status": doc["status"],
-            "severity": doc["severity"],
-            "first_seen": datetime.fromisoformat(doc["first_seen"]),
-            "last_seen": datetime.fromisoformat(doc["last_seen"]),
-            "events": doc["events"],
-            "rows_read": doc["rows_read"],
-            "peak_score": doc["anomaly_score"],
-            "doc": doc,
-            "updated_at": self.now,
-        }
+        self.save_incidents([doc], new=new)
+
+    def save_incidents(self, docs: Sequence[dict[str, Any]], *, new: bool) -> None:
+        """Insert (``new``) or update incidents: one statement for all of them."""
+        if not docs:
+            return
+        rows = [
+            {
+                "_id": doc["id"],
+                "group_key": doc["group_key"],
+                "principal": doc["principal"],
+                "status": doc["status"],
+                "severity": doc["severity"],
+                "first_seen": datetime.fromisoformat(doc["first_seen"]),
+                "last_seen": datetime.fromisoformat(doc["last_seen"]),
+                "events": doc["events"],
+                "rows_read": doc["rows_read"],
+                "peak_score": doc["anomaly_score"],
+                "doc": doc,
+                "updated_at": self.now,
+            }
+            for doc in docs
+        ]
         if new:
-            stmt = _insert_ignore(self._store.engine, t.incidents).values(
-                id=doc["id"], created_at=self.now, **values
-            )
-            self._conn.execute(stmt)
+            for row in rows:
+                row["id"] = row.pop("_id")
+                row["created_at"] = self.now
+            self._conn.execute(_insert_ignore(self._store.engine, t.incidents), rows)
         else:
-            self._conn.execute(
-                t.incidents.update().where(t.incidents.c.id == doc["id"]).values(**values)
+            columns = [k for k in rows[0] if k != "_id"]
+            stmt = (
+                t.incidents.update()
+                .where(t.incidents.c.id == sa.bindparam("_id"))
+                .values({c: sa.bindparam(c) for c in columns})
             )
+            self._conn.execute(stmt, rows)
+
+    def resolve_idle(
+        self, event_before: datetime | None, wall_before: datetime, comment: str
+    ) -> list[dict[str, Any]]:
+        """Resolve every open or acknowledged incident whose last event is before
+        ``event_before`` or that has not changed since ``wall_before``; their documents."""
+        c = t.incidents.c
+        quiet = c.updated_at < wall_before
+        if event_before is not None:
+            quiet = sa.or_(quiet, c.last_seen < event_before)
+        found = self._conn.execute(
+            sa.select(c.id, c.doc).where(c.status.in_(("open", "acknowledged"))).where(quiet)
+        ).all()
+        docs = [{**doc, "status": "resolved"} for _id, doc in found]
+        if docs:
+            stmt = (
+                t.incidents.update()
+                .where(t.incidents.c.id == sa.bindparam("_id"))
+                .values(
+                    status="resolved",
+                    doc=sa.bindparam("doc"),
+                    status_changed_at=self.now,
+                    status_comment=comment,
+                    status_by=None,
+                    updated_at=self.now,
+                )
+            )
+            self._conn.execute(stmt, [{"_id": d["id"], "doc": d} for d in docs])
+        return docs
 
     def incident_doc(self, incident_id: str) -> dict[str, Any]:
         doc = self._conn.execute(
@@ -158,18 +201,6 @@ class Tx:
                 updated_at=self.now,
             )
         )
-
-    def idle_incidents(self, event_before: datetime | None, wall_before: datetime) -> list[str]:
-        """Ids of open or acknowledged incidents whose last event is before ``event_before``
-        or that have not changed since ``wall_before``."""
-        c = t.incidents.c
-        quiet = c.updated_at < wall_before
-        if event_before is not None:
-            quiet = sa.or_(quiet, c.last_seen < event_before)
-        rows = self._conn.execute(
-            sa.select(c.id).where(c.status.in_(("open", "acknowledged"))).where(quiet)
-        ).scalars()
-        return list(rows)
 
     def suppressions(self, keys: Sequence[str]) -> dict[str, list[tuple[int, list[str], str]]]:
         """Live false-positive verdicts per pattern: (feedback id, tables, until)."""
@@ -212,26 +243,33 @@ class Tx:
     # ----------------------------------------------------------------- outbox
     def add_alert(self, kind: str, doc: dict[str, Any], detail: str = "") -> str:
         """Queue ``kind`` for ``doc`` to every sink whose route takes it; returns the alert id."""
-        aid = alert_id(doc["id"], kind, detail)
-        payload = {"type": kind, "timestamp": self.now.isoformat(), "data": doc}
-        rank = {"low": 0, "medium": 1, "high": 2, "critical": 3}[doc["severity"]]
-        rows = [
-            {
-                "id": aid,
-                "sink": route.sink,
-                "kind": kind,
-                "incident_id": doc["id"],
-                "payload": payload,
-                "created_at": self.now,
-                "attempts": 0,
-                "next_attempt_at": self.now,
-            }
-            for route in self._store.routes
-            if kind in route.kinds and rank >= route.min_rank
-        ]
+        return self.add_alerts([(kind, doc, detail)])[0]
+
+    def add_alerts(self, alerts: Sequence[tuple[str, dict[str, Any], str]]) -> list[str]:
+        """Queue several (kind, incident document, detail) alerts in one statement."""
+        ids, rows = [], []
+        for kind, doc, detail in alerts:
+            aid = alert_id(doc["id"], kind, detail)
+            ids.append(aid)
+            payload = {"type": kind, "timestamp": self.now.isoformat(), "data": doc}
+            rank = {"low": 0, "medium": 1, "high": 2, "critical": 3}[doc["severity"]]
+            rows += [
+                {
+                    "id": aid,
+                    "sink": route.sink,
+                    "kind": kind,
+                    "incident_id": doc["id"],
+                    "payload": payload,
+                    "created_at": self.now,
+                    "attempts": 0,
+                    "next_attempt_at": self.now,
+                }
+                for route in self._store.routes
+                if kind in route.kinds and rank >= route.min_rank
+            ]
         if rows:
             self._conn.execute(_insert_ignore(self._store.engine, t.outbox), rows)
-        return aid
+        return ids
 
     # ----------------------------------------------------------------- positions, read log
     def set_positions(self, positions: dict[tuple[str, str], dict[str, Any]]) -> None:
