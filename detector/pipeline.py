@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import platform
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -157,6 +159,46 @@ def exclusion_filter(labels_path: Path) -> pl.Expr:
     return expr
 
 
+def prefetched(items: Iterator[pl.DataFrame], depth: int = 2) -> Iterator[pl.DataFrame]:
+    """``items`` read ahead by up to ``depth`` in a thread, so reading the next batch overlaps
+    work on this one (the readers spend their time in Arrow and polars, outside the GIL). Order
+    is kept; an exception in the reader is raised here, where the item would have come."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _events(
     paths: Sequence[str | Path],
     quarantine: Quarantine,
@@ -205,7 +247,8 @@ def train(
     t_start = time.perf_counter()
     prog.start("replaying history", total_rows(paths))
     frames = []
-    for batch in _events(paths, quarantine, opts.batch_rows, exclude, counts, opts.reading):
+    events = _events(paths, quarantine, opts.batch_rows, exclude, counts, opts.reading)
+    for batch in prefetched(events):
         frames.append(engine.transform(batch).select(_TRAIN_COLUMNS))
         prog.advance(batch.height)
     prog.finish()
@@ -395,7 +438,7 @@ def score(
     art = store.load(model_ref)
     counts: Counter[str] = Counter()
     t_start = time.perf_counter()
-    batches = _events(paths, quarantine, batch_rows, None, counts, reading)
+    batches = prefetched(_events(paths, quarantine, batch_rows, None, counts, reading))
     first = next(batches, None)
     ended = state_end(art)
     first_time = first["event_time"].min() if first is not None else None

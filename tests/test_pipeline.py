@@ -39,3 +39,34 @@ def test_anomalies_are_exactly_the_scored_rows_over_the_threshold() -> None:
     assert hits.height == expected.height > 0
     assert hits.columns == expected.columns
     assert hits.drop("tables").equals(expected.drop("tables"))
+
+
+def test_read_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
+    import threading
+
+    import polars as pl
+    import pytest
+
+    from detector.pipeline import prefetched
+
+    def frames(fail_at: int | None):
+        for i in range(10):
+            if i == fail_at:
+                raise ValueError(f"broken at {i}")
+            yield pl.DataFrame({"i": [i]})
+
+    assert [f["i"][0] for f in prefetched(frames(None))] == list(range(10))
+    got: list[int] = []
+
+    def drain() -> None:
+        for f in prefetched(frames(6)):
+            got.append(f["i"][0])
+
+    with pytest.raises(ValueError, match="broken at 6"):
+        drain()
+    assert got == list(range(6))
+    before = threading.active_count()
+    ahead = prefetched(frames(None))
+    assert next(ahead)["i"][0] == 0
+    ahead.close()  # abandoned: the reader thread ends
+    assert threading.active_count() == before
