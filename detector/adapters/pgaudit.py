@@ -20,6 +20,7 @@ into records and hand this module one polars frame of them (:data:`RECORD_COLUMN
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from dataclasses import dataclass
 from typing import Final
@@ -210,6 +211,9 @@ _PAYLOAD_FIELDS: Final = (
 def _audit_lines(rec: pl.DataFrame, rejects: RejectList, name: str) -> pl.DataFrame:
     """One row per well-formed AUDIT: line with its payload fields; bad ones rejected."""
     lines = rec.filter(pl.col("kind") == "audit")
+    fast = _payload_frame(lines.get_column("message").str.slice(7))
+    if fast is not None:
+        return _checked(pl.concat([lines, fast], how="horizontal"), rejects, name)
     payloads = lines.get_column("message").str.slice(7).to_list()
     rows = parse_payloads(payloads)
     sizes = [len(r) if r is not None else 0 for r in rows]
@@ -233,7 +237,40 @@ def _audit_lines(rec: pl.DataFrame, rejects: RejectList, name: str) -> pl.DataFr
     fields = pl.DataFrame(
         good_rows, schema={f: pl.String for f in _PAYLOAD_FIELDS}, orient="row"
     )
-    audit = pl.concat([keep, fields], how="horizontal")
+    return _checked(pl.concat([keep, fields], how="horizontal"), rejects, name)
+
+
+def _payload_frame(payloads: pl.Series) -> pl.DataFrame | None:
+    """All payloads parsed at once by polars' CSV reader, or None when any could be malformed
+    (the record-by-record path then decides, line by line). Accepted only when every payload
+    became exactly one record with a parameter field, which pgaudit always writes
+    (``<not logged>``, ``<none>`` or the values): a missing field or a record running into the
+    next payload fails that test."""
+    if payloads.len() == 0 or payloads.null_count():
+        return None
+    blob = payloads.str.join("\n").item()
+    if not isinstance(blob, str):
+        return None
+    try:
+        frame = pl.read_csv(
+            io.BytesIO(blob.encode()),
+            has_header=False,
+            new_columns=list(_PAYLOAD_FIELDS),
+            infer_schema=False,
+            quote_char='"',
+        )
+    except (pl.exceptions.PolarsError, ValueError):
+        return None
+    if frame.height != payloads.len() or frame.width != len(_PAYLOAD_FIELDS):
+        return None
+    if frame.get_column("parameter").null_count():
+        return None
+    return frame.with_columns(pl.all().fill_null(""))
+
+
+def _checked(audit: pl.DataFrame, rejects: RejectList, name: str) -> pl.DataFrame:
+    """``audit`` without the lines whose ids or rows are not numbers or whose class is
+    unknown; those are rejected."""
     bad = (
         pl.col("stmt").cast(pl.Int64, strict=False).is_null()
         | pl.col("substmt").cast(pl.Int64, strict=False).is_null()
