@@ -63,3 +63,35 @@ def test_real_payloads_take_the_fast_path_and_agree() -> None:
     fast = _payload_frame(pl.Series(payloads, dtype=pl.String))
     assert fast is not None
     assert fast.rows() == [tuple(r) for r in _careful(payloads) or []]
+
+
+_FIELD = st.one_of(
+    st.text(alphabet=st.sampled_from(list('ab ,"\n\t;xé\\')), max_size=10), st.just("")
+)
+
+
+def _csvlog_line(n: int, statement: str, app: str, cut: bool) -> str:
+    audit = _csv_line(["SESSION", str(n), "1", "READ", "SELECT", "TABLE", "public.t", statement, "<not logged>", "3"])
+    fields = [f"2026-01-14 10:00:{n % 60:02d}.000 UTC", "app_api", "saas", "4242", "127.0.0.1:5555",
+              "65a1.1092", str(n), "SELECT", "2026-01-14 09:00:00 UTC", "3/7", "0", "LOG", "00000",
+              "AUDIT: " + audit, "", "", "", "", "", "", "", "", app, "client backend", "", "0"]
+    line = _csv_line(fields) + "\n"
+    return line[: len(line) // 2] if cut else line
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_FIELD, _FIELD, st.booleans()), min_size=1, max_size=12), st.booleans())
+def test_csvlog_fast_and_careful_readers_agree(records: list[tuple[str, str, bool]], final: bool) -> None:
+    import detector.adapters.pg_csvlog as csvlog
+
+    data = "".join(_csvlog_line(i, s, a, cut) for i, (s, a, cut) in enumerate(records)).encode()
+    fast = csvlog.PgCsvlogParser(location="f").feed(data, final=final)
+    saved = csvlog._fast_columns
+    csvlog._fast_columns = lambda text: None
+    try:
+        careful = csvlog.PgCsvlogParser(location="f").feed(data, final=final)
+    finally:
+        csvlog._fast_columns = saved
+    assert fast.consumed == careful.consumed
+    assert fast.events.equals(careful.events)
+    assert fast.rejects.equals(careful.rejects)

@@ -9,6 +9,8 @@ cannot swallow the good records that follow.
 from __future__ import annotations
 
 import csv
+import io
+import re
 from itertools import islice
 from typing import Final
 
@@ -85,17 +87,43 @@ class PgCsvlogParser:
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        rows, firsts, end_line = _read_rows(lines, final, rejects, self, line_starts)
+        head, fast = (_last_record_start(lines), None) if clean else (0, None)
+        if head > 0:
+            fast = _fast_columns("\n".join(lines[:head]))
+        if fast is not None and fast[1].sum() == head:
+            columns, spans = fast
+            firsts_fast = (np.cumsum(spans) - spans).tolist()
+            tail = _Shifted(self, head)
+            rows, firsts, end_line = _read_rows(
+                lines[head:], final, rejects, tail, line_starts[head:]
+            )
+            firsts = [f + head for f in firsts]
+            end_line += head
+        else:
+            columns, firsts_fast = None, []
+            rows, firsts, end_line = _read_rows(lines, final, rejects, self, line_starts)
         end = line_starts[end_line] if end_line < len(line_starts) else stop
         if not clean:
             rows, firsts = self._drop_invalid_utf8(rows, firsts, rejects, line_starts)
-        if not rows:
+        parts = []
+        if columns is not None and columns.height:
+            parts.append(self._frame(columns, firsts_fast, line_starts))
+        if rows:
+            careful = pl.DataFrame(
+                {
+                    name: pl.Series(name, [r[i] for r in rows], dtype=pl.String)
+                    for name, i in _COLUMNS.items()
+                }
+            )
+            parts.append(self._frame(careful, firsts, line_starts))
+        if not parts:
             return empty_records(), end
-        columns = {
-            name: pl.Series(name, [r[i] for r in rows], dtype=pl.String)
-            for name, i in _COLUMNS.items()
-        }
-        frame = pl.DataFrame(columns).with_columns(
+        return pl.concat(parts), end
+
+    def _frame(
+        self, columns: pl.DataFrame, firsts: list[int], line_starts: list[int]
+    ) -> pl.DataFrame:
+        frame = columns.with_columns(
             pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in _COLUMNS
         )
         starts = [line_starts[f] for f in firsts]
@@ -105,7 +133,7 @@ class PgCsvlogParser:
             _line=pl.Series(numbers, dtype=pl.Int64),
             host=pl.col("host").str.replace(r":\d+$", ""),
         )
-        return frame.select(empty_records().columns), end
+        return frame.select(empty_records().columns)
 
     @property
     def line(self) -> int:
@@ -134,11 +162,61 @@ class PgCsvlogParser:
         return kept_rows, kept_firsts
 
 
+_RECORD_START: Final = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def _last_record_start(lines: list[str]) -> int:
+    """Index of the last line that starts a record (a log time at the start of the line); 0
+    when none does past the first. Everything before it is complete records, parsed at once;
+    the last record, which may still be being written, is read record by record."""
+    for index in range(len(lines) - 1, 0, -1):
+        if _RECORD_START.match(lines[index]):
+            return index
+    return 0
+
+
+def _fast_columns(text: str) -> tuple[pl.DataFrame, np.ndarray] | None:
+    """The needed columns of every record in ``text`` and the number of lines each spans, read
+    at once by polars' CSV reader; None when the text is not plainly well-formed (every record
+    a log time first, one field count PostgreSQL writes), so the careful reader decides."""
+    if "\r" in text:
+        return None  # polars' reader and the csv module differ on carriage returns
+    try:
+        frame = pl.read_csv(
+            io.BytesIO(text.encode()), has_header=False, infer_schema=False, quote_char='"'
+        )
+    except (pl.exceptions.PolarsError, ValueError):
+        return None
+    if frame.width not in FIELD_COUNTS or frame.height == 0:
+        return None
+    names = frame.columns
+    if not frame.get_column(names[0]).str.contains(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d").all():
+        return None
+    spans = (
+        1
+        + frame.select(
+            pl.sum_horizontal(pl.col(c).str.count_matches("\n").fill_null(0) for c in names)
+        )
+        .to_series()
+        .to_numpy()
+    )
+    picked = frame.select(pl.col(names[i]).alias(name) for name, i in _COLUMNS.items())
+    return picked, spans
+
+
+class _Shifted:
+    """The parser as seen from line ``offset`` on (for reading the tail after the fast part)."""
+
+    def __init__(self, parser: PgCsvlogParser, offset: int) -> None:
+        self.options = parser.options
+        self.line = parser.line + offset
+
+
 def _read_rows(
     lines: list[str],
     final: bool,
     rejects: RejectList,
-    parser: PgCsvlogParser,
+    parser: PgCsvlogParser | _Shifted,
     line_starts: list[int],
 ) -> tuple[list[list[str]], list[int], int]:
     """Rows with the index of their first line, and the index of the first line not consumed.

@@ -248,6 +248,8 @@ def _payload_frame(payloads: pl.Series) -> pl.DataFrame | None:
     next payload fails that test."""
     if payloads.len() == 0 or payloads.null_count():
         return None
+    if payloads.str.contains("\r", literal=True).any():
+        return None  # polars' reader and the csv module differ on carriage returns
     blob = payloads.str.join("\n").item()
     if not isinstance(blob, str):
         return None
