@@ -159,12 +159,12 @@ SinkSettings = Annotated[WebhookSink | SlackSink | AlertmanagerSink, Field(discr
 
 
 class PipelineSettings(_Strict):
-    batch_events: int = Field(20_000, ge=1, description="Flush a micro-batch at this many events.")
+    batch_events: int = Field(10_000, ge=1, description="Flush a micro-batch at this many events.")
     batch_delay_s: float = Field(
         0.25, gt=0, description="...or when its oldest event has waited this long."
     )
     queue_events: int = Field(
-        200_000, ge=1, description="Events held between sources and scoring (backpressure)."
+        50_000, ge=1, description="Events held between sources and scoring (backpressure)."
     )
     read_events: int = Field(10_000, ge=1, description="Events per read from a file.")
     poll_s: float = Field(0.1, gt=0, description="How often directories are scanned.")
