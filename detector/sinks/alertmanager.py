@@ -35,7 +35,7 @@ from detector.sinks.metrics import Metrics
 from detector.sinks.outbox import Clock, as_utc, utc_now
 from detector.sinks.slack import incident_link
 from detector.sinks.tables import incidents
-from detector.sinks.webhook import DEFAULT_TIMEOUT, USER_AGENT, http_client, post
+from detector.sinks.webhook import DEFAULT_TIMEOUT, HttpEndpoint, post
 
 log = structlog.get_logger("exfilwatch.delivery")
 
@@ -54,7 +54,7 @@ def _joined(values: Sequence[Any] | None, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class AlertmanagerSync:
+class AlertmanagerSync(HttpEndpoint):
     """Keeps an Alertmanager's view of exfilwatch incidents current (see the module docstring).
 
     ``url`` is the Alertmanager base URL (``http://alertmanager:9093``) or the full
@@ -79,9 +79,14 @@ class AlertmanagerSync:
         headers: Mapping[str, str] | None = None,
         batch_size: int = 500,
     ) -> None:
-        self.engine = engine
         base = url.rstrip("/")
-        self.url = base if base.endswith(API_PATH) else base + API_PATH
+        super().__init__(
+            base if base.endswith(API_PATH) else base + API_PATH,
+            client=client,
+            timeout=timeout,
+            headers=headers,
+        )
+        self.engine = engine
         self.metrics = metrics
         self.name = name
         self.interval = interval
@@ -90,11 +95,7 @@ class AlertmanagerSync:
         self.min_gap = min_gap
         self.clock = clock
         self.external_url = external_url
-        self.headers = {"content-type": "application/json", "user-agent": USER_AGENT,
-                        **(headers or {})}
         self.batch_size = batch_size
-        self._owns_client = client is None
-        self.client = client if client is not None else http_client(timeout)
         self._sent_severity: dict[str, str] = {}
         self._next_severities: dict[str, str] = {}
         self._wait_extra = 0.0
@@ -124,11 +125,6 @@ class AlertmanagerSync:
             self._thread.join(timeout)
             return not self._thread.is_alive()
         return True
-
-    def close(self) -> None:
-        """Close the HTTP client if this sync made it."""
-        if self._owns_client:
-            self.client.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():

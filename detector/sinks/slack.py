@@ -13,7 +13,7 @@ from typing import Any, Final
 import httpx
 
 from detector.sinks.outbox import Alert, Clock, Result, utc_now
-from detector.sinks.webhook import DEFAULT_TIMEOUT, USER_AGENT, body_bytes, http_client, post
+from detector.sinks.webhook import DEFAULT_TIMEOUT, HttpEndpoint, body_bytes, post
 
 TITLES: Final = {
     "incident.opened": "New incident",
@@ -109,7 +109,7 @@ def slack_message(alert_id: str, kind: str, doc: Mapping[str, Any],
     return {"text": text, "blocks": blocks}
 
 
-class SlackSender:
+class SlackSender(HttpEndpoint):
     """Posts alerts to a Slack incoming-webhook ``url``. ``external_url`` is the service's
     address as readers reach it (adds a link to each incident)."""
 
@@ -124,14 +124,10 @@ class SlackSender:
         headers: Mapping[str, str] | None = None,
         clock: Clock = utc_now,
     ) -> None:
+        super().__init__(url, client=client, timeout=timeout, headers=headers)
         self._name = name
-        self.url = url
         self.external_url = external_url
-        self.headers = {"content-type": "application/json", "user-agent": USER_AGENT,
-                        **(headers or {})}
         self.clock = clock
-        self._owns_client = client is None
-        self.client = client if client is not None else http_client(timeout)
 
     @property
     def name(self) -> str:
@@ -142,7 +138,3 @@ class SlackSender:
         message = slack_message(alert.id, alert.kind, doc, external_url=self.external_url)
         return post(self.client, self.url, body_bytes(message), self.headers, clock=self.clock)
 
-    def close(self) -> None:
-        """Close the HTTP client if this sender made it."""
-        if self._owns_client:
-            self.client.close()

@@ -192,7 +192,32 @@ def verify(
     raise SignatureError("no webhook-signature matches the body")
 
 
-class WebhookSender:
+class HttpEndpoint:
+    """What every HTTP sink holds: the receiver's URL, the default request headers (JSON,
+    our user agent, then ``headers``) and a client, which is closed in :meth:`close` only when
+    it was made here (a shared ``client`` is closed by its owner)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client: httpx.Client | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = url
+        self.headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+                        **(headers or {})}
+        self._owns_client = client is None
+        self.client = client if client is not None else http_client(timeout)
+
+    def close(self) -> None:
+        """Close the HTTP client if it was made here."""
+        if self._owns_client:
+            self.client.close()
+
+
+class WebhookSender(HttpEndpoint):
     """Delivers alerts as signed JSON POSTs to ``url``.
 
     ``secrets``: one or more secrets; every one signs each request (list the new secret next to
@@ -219,14 +244,10 @@ class WebhookSender:
         reserved = _RESERVED & {k.lower() for k in (headers or {})}
         if reserved:
             raise ConfigError(f"webhook sink {name!r} cannot set headers {sorted(reserved)}")
+        super().__init__(url, client=client, timeout=timeout, headers=headers)
         self._name = name
-        self.url = url
         self.keys = [decode_secret(s) for s in secrets]
-        self.headers = {"content-type": "application/json", "user-agent": USER_AGENT,
-                        **(headers or {})}
         self.clock = clock
-        self._owns_client = client is None
-        self.client = client if client is not None else http_client(timeout)
 
     @property
     def name(self) -> str:
@@ -247,7 +268,3 @@ class WebhookSender:
         headers = self.request_headers(alert.id, timestamp, body)
         return post(self.client, self.url, body, headers, clock=self.clock)
 
-    def close(self) -> None:
-        """Close the HTTP client if this sender made it."""
-        if self._owns_client:
-            self.client.close()
