@@ -17,8 +17,8 @@ from typing import Final
 import numpy as np
 import polars as pl
 
-from detector.adapters.base import LineCounter, Parsed, RejectList, newline_positions
-from detector.adapters.pgaudit import PgOptions, PgState, empty_records, process
+from detector.adapters.base import RejectList, newline_positions
+from detector.adapters.pgaudit import RecordParser, empty_records
 
 #: Field counts of csvlog records: PostgreSQL 12 (23), 13 (24), 14 and later (26).
 FIELD_COUNTS: Final = frozenset((23, 24, 26))
@@ -39,37 +39,10 @@ if csv.field_size_limit() < FIELD_LIMIT:
     csv.field_size_limit(FIELD_LIMIT)
 
 
-class PgCsvlogParser:
+class PgCsvlogParser(RecordParser):
     """Incremental parser of a PostgreSQL csvlog stream (see :mod:`detector.adapters`)."""
 
     name = "pgaudit-csvlog"
-
-    def __init__(
-        self,
-        *,
-        location: str = "<stream>",
-        timezone: str | None = None,
-        db_instance: str | None = None,
-    ) -> None:
-        self.options = PgOptions(location, timezone, db_instance)
-        self.state_ = PgState()
-        self._lines = LineCounter()
-
-    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
-        """Parse ``data`` (the unconsumed rest of the previous call, then new bytes)."""
-        stop = len(data) if final else data.rfind(b"\n") + 1
-        rejects = RejectList()
-        records, end = self._records(data, stop, final, rejects)
-        result = process(
-            records,
-            rejects,
-            end=end,
-            complete_all=final or idle,
-            state=self.state_,
-            options=self.options,
-        )
-        self._lines.advance(data, result.cut)
-        return result.parsed()
 
     def _records(
         self, data: bytes, stop: int, final: bool, rejects: RejectList
@@ -134,11 +107,6 @@ class PgCsvlogParser:
             host=pl.col("host").str.replace(r":\d+$", ""),
         )
         return frame.select(empty_records().columns)
-
-    @property
-    def line(self) -> int:
-        """Line number of the first byte of the next feed."""
-        return self._lines.line
 
     def _drop_invalid_utf8(
         self,

@@ -15,8 +15,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pj
 
-from detector.adapters.base import LineCounter, Parsed, RejectList, newline_positions
-from detector.adapters.pgaudit import PgOptions, PgState, empty_records, process
+from detector.adapters.base import RejectList, newline_positions
+from detector.adapters.pgaudit import RecordParser, empty_records
 
 _FIELDS: Final = {
     "timestamp": ("time", pa.string()),
@@ -35,41 +35,17 @@ _SPAN_LINES: Final = 16_384
 _RENAME: Final = {k: v for k, (v, _) in _FIELDS.items()}
 
 
-class PgJsonlogParser:
+class PgJsonlogParser(RecordParser):
     """Incremental parser of a PostgreSQL jsonlog stream (see :mod:`detector.adapters`)."""
 
     name = "pgaudit-jsonlog"
 
-    def __init__(
-        self,
-        *,
-        location: str = "<stream>",
-        timezone: str | None = None,
-        db_instance: str | None = None,
-    ) -> None:
-        self.options = PgOptions(location, timezone, db_instance)
-        self.state_ = PgState()
-        self._lines = LineCounter()
-
-    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
-        """Parse ``data`` (the unconsumed rest of the previous call, then new bytes)."""
-        end = len(data) if final else data.rfind(b"\n") + 1
-        rejects = RejectList()
-        records = self._records(data, end, rejects)
-        result = process(
-            records,
-            rejects,
-            end=end,
-            complete_all=final or idle,
-            state=self.state_,
-            options=self.options,
-        )
-        self._lines.advance(data, result.cut)
-        return result.parsed()
-
-    def _records(self, data: bytes, end: int, rejects: RejectList) -> pl.DataFrame:
+    def _records(
+        self, data: bytes, end: int, final: bool, rejects: RejectList
+    ) -> tuple[pl.DataFrame, int]:
+        """Every line up to ``end`` is one complete record."""
         if end == 0:
-            return empty_records()
+            return empty_records(), 0
         nl = newline_positions(data[:end])
         starts = np.concatenate(([0], nl + 1))
         ends = np.concatenate((nl, [end]))
@@ -80,7 +56,7 @@ class PgJsonlogParser:
         for i in range(0, len(starts), _SPAN_LINES):
             sl = slice(i, i + _SPAN_LINES)
             frames.append(self._span(data, starts[sl], ends[sl], numbers[sl], rejects))
-        return pl.concat(frames, how="vertical_relaxed") if frames else empty_records()
+        return (pl.concat(frames, how="vertical_relaxed") if frames else empty_records()), end
 
     def _span(
         self,

@@ -30,6 +30,7 @@ import polars as pl
 from detector.adapters.base import (
     SETTLE_RECORDS,
     BoundedMap,
+    LineCounter,
     Parsed,
     RejectList,
     cut_point,
@@ -506,4 +507,57 @@ def empty_records() -> pl.DataFrame:
     )
 
 
-__all__ = ["RECORD_COLUMNS", "PgOptions", "PgState", "Result", "empty_records", "process"]
+class RecordParser:
+    """The feed loop shared by the line-record destinations (jsonlog, csvlog): a subclass's
+    ``_records`` turns the complete records of a chunk into a record frame (RECORD_COLUMNS)
+    and says where they end; :func:`process` does the rest."""
+
+    name = ""
+
+    def __init__(
+        self,
+        *,
+        location: str = "<stream>",
+        timezone: str | None = None,
+        db_instance: str | None = None,
+    ) -> None:
+        self.options = PgOptions(location, timezone, db_instance)
+        self.state_ = PgState()
+        self._lines = LineCounter()
+
+    @property
+    def line(self) -> int:
+        """Line number of the first byte of the next feed."""
+        return self._lines.line
+
+    def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
+        """Parse ``data`` (the unconsumed rest of the previous call, then new bytes)."""
+        stop = len(data) if final else data.rfind(b"\n") + 1
+        rejects = RejectList()
+        records, end = self._records(data, stop, final, rejects)
+        result = process(
+            records,
+            rejects,
+            end=end,
+            complete_all=final or idle,
+            state=self.state_,
+            options=self.options,
+        )
+        self._lines.advance(data, result.cut)
+        return result.parsed()
+
+    def _records(
+        self, data: bytes, stop: int, final: bool, rejects: RejectList
+    ) -> tuple[pl.DataFrame, int]:
+        raise NotImplementedError
+
+
+__all__ = [
+    "RECORD_COLUMNS",
+    "PgOptions",
+    "PgState",
+    "RecordParser",
+    "Result",
+    "empty_records",
+    "process",
+]
