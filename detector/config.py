@@ -39,7 +39,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from detector.errors import ConfigError
 
 ENV_PREFIX = "EXFILWATCH_"
-SEVERITIES = ("low", "medium", "high", "critical")
 ALERT_KINDS = ("incident.opened", "incident.escalated", "incident.resolved")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from detector.errors import InputError
+from detector.schema import SEVERITY_RANK
 
 SLACK: Final = timedelta(minutes=30)
 
@@ -106,8 +107,7 @@ def evaluate(incidents: Sequence[dict[str, Any]], labels: dict[str, Any]) -> Eva
             if hits
             else None
         )
-        order = ("low", "medium", "high", "critical")
-        sev = max((i["severity"] for i in hits), key=order.index) if hits else None
+        sev = max((i["severity"] for i in hits), key=SEVERITY_RANK.__getitem__) if hits else None
         results.append(
             ScenarioResult(
                 sc["scenario"],

@@ -40,6 +40,7 @@ from detector.errors import ModelError
 from detector.incidents import merge
 from detector.pipeline import Scorer, state_end
 from detector.quarantine import Quarantine
+from detector.schema import SEVERITY_RANK
 from detector.scoring import artefact as store_models
 from detector.sinks import delivery, tables
 from detector.sinks.metrics import Metrics
@@ -170,7 +171,7 @@ class Service:
         self.quarantine = Quarantine(self.state_dir / "quarantine" / "rejected.jsonl")
         engine = tables.create_engine(s.store_url)
         routes = [
-            Route(k.name, tuple(k.kinds), merge.SEVERITY_RANK[k.min_severity])
+            Route(k.name, tuple(k.kinds), SEVERITY_RANK[k.min_severity])
             for k in s.sinks
             if k.kind != "alertmanager"
         ]
@@ -538,8 +539,7 @@ class Service:
         return len(docs)
 
     def _resolve(self, tx: Any, incident_id: str, comment: str | None, by: str | None) -> None:
-        tx.set_status(incident_id, "resolved", comment, by)
-        tx.add_alert("incident.resolved", tx.incident_doc(incident_id))
+        tx.add_alert("incident.resolved", tx.set_status(incident_id, "resolved", comment, by))
 
     def _count_open(self) -> None:
         counts = self.store.counts()
@@ -580,18 +580,10 @@ class Service:
             src = self._sources.get(name)
             if src is None:
                 continue
-            done = set()
-            for key, pos in positions.get(name, {}).items():
-                finished = pos.get("done") or (
-                    "offset" in pos
-                    and Path(pos.get("path", "")).exists()
-                    and Path(pos["path"]).stat().st_size == pos["offset"]
-                    and name == "stdin"
-                )
-                if finished:
-                    with contextlib.suppress(OSError):
-                        Path(pos["path"]).unlink()
-                    done.add(key)
+            done = {key for key, pos in positions.get(name, {}).items() if _consumed(pos)}
+            for key in done:
+                with contextlib.suppress(OSError):
+                    Path(positions[name][key]["path"]).unlink()
             src.forget(done)
             self.store.forget_positions(name, sorted(done))
 
@@ -707,3 +699,14 @@ class Service:
         self.quarantine.close()
         self.store.engine.dispose()
         log.info("service_stopped", batch=self.seq)
+
+
+def _consumed(pos: dict[str, Any]) -> bool:
+    """Whether a journal file has been read to its end: a whole file marked done, or a tailed
+    segment whose offset has reached its size."""
+    if pos.get("done"):
+        return True
+    try:
+        return "offset" in pos and Path(pos["path"]).stat().st_size == pos["offset"]
+    except OSError:
+        return False

@@ -105,3 +105,9 @@ def to_arrow(df: pl.DataFrame) -> pa.Table:
     )
     table = table.set_column(table.schema.get_field_index("extra"), "extra", as_map)
     return table.cast(EVENT_ARROW_SCHEMA)
+
+
+#: Incident severities, least to most severe.
+SEVERITIES: Final = ("low", "medium", "high", "critical")
+#: A severity's rank: comparing ranks compares severities.
+SEVERITY_RANK: Final = {name: rank for rank, name in enumerate(SEVERITIES)}

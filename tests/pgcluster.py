@@ -84,6 +84,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def require_cluster() -> None:
+    """Skip the calling test, saying why, when no cluster can be made here; under CI=true
+    that is a failure instead."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but no PostgreSQL with pgaudit: {reason}")
+        pytest.skip(reason)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

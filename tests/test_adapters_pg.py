@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,24 +11,16 @@ import pytest
 
 from detector.adapters import make_adapter
 from detector.sources.files import read_events
-from tests.pgcluster import SAAS_SCHEMA, PgCluster, unavailable_reason
+from tests.pgcluster import SAAS_SCHEMA, PgCluster, require_cluster
 
 PREFIX = "%m [%p] %q%u@%d %a %h %c: "
 DBEAVER = "DBeaver 23.1.0 - Main"
 
 
-def _need_server() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but no PostgreSQL with pgaudit: {reason}")
-        pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def pg_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
     """A private cluster that ran the SaaS traffic and was stopped; its logs are complete."""
-    _need_server()
+    require_cluster()
     cluster = PgCluster.create(
         tmp_path_factory.mktemp("pg") / "cluster",
         log_line_prefix=PREFIX,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, SAMPLE
-from tests.test_service_kill import _free_port
+from tests.pgcluster import free_port
 
 
 def test_readme_commands_are_the_ones_tested() -> None:
@@ -30,7 +30,7 @@ def test_readme_commands_are_the_ones_tested() -> None:
 @pytest.mark.slow
 def test_serve_on_defaults_shows_the_sample_incidents(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "models", tmp_path / "models")
-    port = _free_port()  # the default 8080 may be taken on a shared machine
+    port = free_port()  # the default 8080 may be taken on a shared machine
     exe = shutil.which("exfilwatch")
     assert exe is not None
     env = {**os.environ, "EXFILWATCH_API__PORT": str(port)}

@@ -9,11 +9,9 @@ attack differs from the history by its client application and its volume.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import pytest
 from detector import pipeline
 from detector.samples import write_sample
 from detector.sinks.receiver import WebhookReceiver
-from tests.pgcluster import PgCluster, free_port, unavailable_reason
+from tests.pgcluster import PgCluster, free_port, require_cluster
+from tests.test_deploy_support import wait_for
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 CLIENTS = 20_000
@@ -37,14 +36,6 @@ INSERT INTO accounts SELECT g, 1 + g % {CLIENTS}, g FROM generate_series(1, 6000
 CREATE ROLE app_api LOGIN PASSWORD 'app-secret';
 GRANT SELECT ON clients, accounts TO app_api;
 """
-
-
-def _need_server() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but no PostgreSQL with pgaudit: {reason}")
-        pytest.skip(reason)
 
 
 def _history_model(tmp: Path) -> Path:
@@ -74,21 +65,11 @@ def _get(port: int, path: str) -> httpx.Response | None:
         return None
 
 
-def _wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_serve_tails_pgaudit_and_turns_a_bulk_read_into_an_incident_and_a_webhook(
     tmp_path: Path,
 ) -> None:
-    _need_server()
+    require_cluster()
     models = _history_model(tmp_path)
     cluster = PgCluster.create(tmp_path / "pg", settings={"log_destination": "'jsonlog'"})
     cluster.start()
@@ -105,7 +86,7 @@ def test_serve_tails_pgaudit_and_turns_a_bulk_read_into_an_incident_and_a_webhoo
             conn.execute("SET pgaudit.log = 'none'")
             shutil.move(setup_log, tmp_path / "setup.json")
             conn.execute("SELECT pg_rotate_logfile()")
-        _wait(setup_log.exists, 20, "the server to reopen its log")
+        wait_for(setup_log.exists, 20, "the server to reopen its log")
         port = free_port()
         with WebhookReceiver(secrets=[SECRET]) as receiver:
             cfg = tmp_path / "serve.toml"
@@ -136,7 +117,7 @@ poll_s = 0.05
             log = (tmp_path / "serve.log").open("wb")
             proc = subprocess.Popen([exe, "serve", "--config", str(cfg)], stderr=log,
                                     stdout=subprocess.DEVNULL)
-            _wait(lambda: (r := _get(port, "/readyz")) is not None and r.status_code == 200,
+            wait_for(lambda: (r := _get(port, "/readyz")) is not None and r.status_code == 200,
                   60, "the service to be ready")
             seen0 = _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
             # normal traffic: the application reads one client at a time
@@ -149,7 +130,7 @@ poll_s = 0.05
                         conn.execute("SELECT id, balance FROM accounts WHERE client_id = %s",
                                      (client,)).fetchall()
             # 4 logins + 200 reads
-            _wait(lambda: _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
+            wait_for(lambda: _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
                   >= seen0 + 204, 60, "the normal traffic to be scored")
             assert _get(port, "/v1/incidents").json()["items"] == []  # type: ignore[union-attr]
             # the attack: the application's credentials in a desktop SQL client, whole table
@@ -157,7 +138,7 @@ poll_s = 0.05
                                  application_name="DBeaver 23.2.0") as conn:
                 rows = conn.execute("SELECT * FROM clients").fetchall()
             assert len(rows) == CLIENTS
-            items = _wait(lambda: _get(port, "/v1/incidents").json()["items"],  # type: ignore[union-attr]
+            items = wait_for(lambda: _get(port, "/v1/incidents").json()["items"],  # type: ignore[union-attr]
                           60, "an incident")
             assert len(items) == 1
             incident = items[0]
@@ -167,7 +148,7 @@ poll_s = 0.05
             assert "DBeaver 23.2.0" in incident["client_apps"]
             assert incident["severity"] in ("high", "critical")
             assert incident["statement"] == "SELECT * FROM clients"
-            _wait(lambda: [r for r in receiver.successes()
+            wait_for(lambda: [r for r in receiver.successes()
                            if r.json()["data"]["id"] == incident["id"]], 60, "the webhook")
             assert all(r.verified for r in receiver.successes())
             proc.send_signal(signal.SIGTERM)

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 import structlog
 
 from detector import logs
+from tests.pgcluster import free_port
 from tests.service_support import models_copy
-from tests.test_service_kill import _free_port
 
 
 @pytest.mark.slow
@@ -30,7 +30,7 @@ def test_stdin_lines_are_scored_and_the_service_exits_when_stdin_ends(
     body = b"".join(lines[:5000]) + b"this is not json\n" + b"".join(lines[5000:8000])
     exe = shutil.which("exfilwatch")
     assert exe is not None
-    env = {**os.environ, "EXFILWATCH_API__PORT": str(_free_port()),
+    env = {**os.environ, "EXFILWATCH_API__PORT": str(free_port()),
            "EXFILWATCH_MODELS_DIR": str(models), "EXFILWATCH_STATE_DIR": str(tmp_path / "var")}
     started = time.monotonic()
     run = subprocess.run([exe, "serve", "--stdin"], input=body, cwd=tmp_path, env=env,

@@ -9,7 +9,6 @@ import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,16 +19,11 @@ import pytest
 
 from detector import pipeline
 from detector.sinks.receiver import WebhookReceiver
+from tests.pgcluster import free_port
 from tests.service_support import models_copy
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 KILLS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(tmp: Path, models: Path, port: int, receiver: str) -> Path:
@@ -88,7 +82,7 @@ def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
     lines = (live_sample / "events.jsonl").read_bytes().splitlines(keepends=True)
     spool = tmp_path / "spool"
     spool.mkdir()
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with WebhookReceiver(secrets=[SECRET]) as receiver:
         cfg = _config(tmp_path, models, port, receiver.url)

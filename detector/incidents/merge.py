@@ -12,7 +12,8 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-SEVERITY_RANK: Final = {"low": 0, "medium": 1, "high": 2, "critical": 3}
+from detector.schema import SEVERITY_RANK
+
 ACTIVE: Final = ("open", "acknowledged", "false_positive")
 _CAPS: Final = {
     "sessions": 20,

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from detector.schema import SEVERITY_RANK
 from detector.sinks import tables as t
 
 Clock = Callable[[], datetime]
@@ -177,30 +178,27 @@ class Tx:
             self._conn.execute(stmt, [{"_id": d["id"], "doc": d} for d in docs])
         return docs
 
-    def incident_doc(self, incident_id: str) -> dict[str, Any]:
-        doc = self._conn.execute(
-            sa.select(t.incidents.c.doc).where(t.incidents.c.id == incident_id)
-        ).scalar_one()
-        return dict(doc)
-
     def set_status(
         self, incident_id: str, status: str, comment: str | None, by: str | None
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Change an incident's status; returns its stored document as changed."""
         doc = self._conn.execute(
             sa.select(t.incidents.c.doc).where(t.incidents.c.id == incident_id)
         ).scalar_one()
+        changed = {**doc, "status": status}
         self._conn.execute(
             t.incidents.update()
             .where(t.incidents.c.id == incident_id)
             .values(
                 status=status,
-                doc={**doc, "status": status},
+                doc=changed,
                 status_changed_at=self.now,
                 status_comment=comment,
                 status_by=by,
                 updated_at=self.now,
             )
         )
+        return changed
 
     def suppressions(self, keys: Sequence[str]) -> dict[str, list[tuple[int, list[str], str]]]:
         """Live false-positive verdicts per pattern: (feedback id, tables, until)."""
@@ -252,7 +250,7 @@ class Tx:
             aid = alert_id(doc["id"], kind, detail)
             ids.append(aid)
             payload = {"type": kind, "timestamp": self.now.isoformat(), "data": doc}
-            rank = {"low": 0, "medium": 1, "high": 2, "critical": 3}[doc["severity"]]
+            rank = SEVERITY_RANK[doc["severity"]]
             rows += [
                 {
                     "id": aid,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 import polars as pl
 
 from detector import schema
@@ -71,8 +70,7 @@ class CanonicalLines:
         if end <= 0:
             return Parsed(schema.empty_events(), empty_rejects(), 0)
         body = data[:end]
-        newlines = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 0x0A)
-        count = len(newlines) + (0 if body.endswith(b"\n") else 1)
+        count = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
         events = self._parse(body, self.where, self.line, count)
         self.line += count
         return Parsed(events, self._rejects.take(), end)
