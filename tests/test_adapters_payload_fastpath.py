@@ -6,7 +6,7 @@ import csv
 import io
 
 import polars as pl
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from detector.adapters.pgaudit import _PAYLOAD_FIELDS, _payload_frame, parse_payloads
@@ -80,6 +80,7 @@ def _csvlog_line(n: int, statement: str, app: str, cut: bool) -> str:
 
 
 @settings(max_examples=150, deadline=None)
+@example(records=[("", "\n", False), ("", "", False)], final=False)  # a raw newline splits a record
 @given(st.lists(st.tuples(_FIELD, _FIELD, st.booleans()), min_size=1, max_size=12), st.booleans())
 def test_csvlog_fast_and_careful_readers_agree(records: list[tuple[str, str, bool]], final: bool) -> None:
     import detector.adapters.pg_csvlog as csvlog

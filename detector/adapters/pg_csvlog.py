@@ -155,10 +155,16 @@ def _fast_columns(text: str) -> tuple[pl.DataFrame, np.ndarray] | None:
         )
     except (pl.exceptions.PolarsError, ValueError):
         return None
-    if frame.width not in FIELD_COUNTS or frame.height == 0:
+    # polars pads a record with too few fields with nulls; the careful reader rejects it. The
+    # last field of PostgreSQL 13+ (backend type, query id) is never empty, so a null there
+    # means a short record; PostgreSQL 12's (application name) may be empty: no fast path.
+    if frame.width not in FIELD_COUNTS - {23} or frame.height == 0:
         return None
     names = frame.columns
-    if not frame.get_column(names[0]).str.contains(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d").all():
+    if frame.get_column(names[-1]).null_count():
+        return None
+    stamps = frame.get_column(names[0]).str.contains(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+    if not stamps.fill_null(False).all():
         return None
     spans = (
         1
