@@ -52,6 +52,8 @@ log = structlog.get_logger("exfilwatch.live")
 
 _SERVICE = "_service"  # the positions row holding the service's own settings
 _RESOLVE_EVERY_S = 5.0
+#: Incidents resolved per transaction (memory stays bounded after an incident storm).
+_RESOLVE_CHUNK = 1_000
 _MODEL_CHECK_S = 2.0
 _WARMUP = timedelta(hours=24)
 
@@ -526,17 +528,23 @@ class Service:
         """Resolve incidents quiet for ``resolve_after_s`` (event time or wall time)."""
         quiet = timedelta(seconds=self.settings.incidents.resolve_after_s)
         watermark = getattr(self, "watermark", None)
-        with self.store.transaction() as tx:
-            docs = tx.resolve_idle(
-                watermark - quiet if watermark else None,
-                tx.now - quiet,
-                "quiet for the resolve period",
-            )
-            tx.add_alerts([("incident.resolved", doc, "") for doc in docs])
-        if docs:
+        resolved = 0
+        while True:
+            with self.store.transaction() as tx:
+                docs = tx.resolve_idle(
+                    watermark - quiet if watermark else None,
+                    tx.now - quiet,
+                    "quiet for the resolve period",
+                    _RESOLVE_CHUNK,
+                )
+                tx.add_alerts([("incident.resolved", doc, "") for doc in docs])
+            resolved += len(docs)
+            if len(docs) < _RESOLVE_CHUNK:
+                break
+        if resolved:
             self._wake_delivery()
         self._count_open()
-        return len(docs)
+        return resolved
 
     def _resolve(self, tx: Any, incident_id: str, comment: str | None, by: str | None) -> None:
         tx.add_alert("incident.resolved", tx.set_status(incident_id, "resolved", comment, by))

@@ -266,3 +266,42 @@ def test_model_matrix_is_the_frames_model_columns() -> None:
     engine = FeatureEngine()
     feats = engine.transform(make_events(history(2)))
     assert np.array_equal(engine.model_matrix_, feats.select(MODEL_FEATURES).to_numpy())
+
+
+def test_state_written_with_the_daily_highs_inside_the_state_row_still_loads(
+    tmp_path: Path,
+) -> None:
+    """State files from before the daily highs had an array of their own (the ring inside
+    each float64 state row) restore to the same features."""
+    from detector.features import kernel as K
+
+    events = make_events(history(6))
+    first, rest = events.slice(0, 160), events.slice(160)
+    engine = FeatureEngine()
+    engine.transform(first)
+    assert engine.highs_[: len(engine.principals_)].any()  # windows closed: the ring is used
+    engine.save_state(tmp_path)
+    with np.load(tmp_path / "state.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    highs = arrays.pop("principal_highs").astype(np.float64)
+    state = arrays.pop("principal_state")
+    arrays["principal_state"] = np.concatenate(
+        [state[:, : K.LEGACY_S_HIGH0], highs, state[:, K.LEGACY_S_HIGH0 :]], axis=1
+    )
+    assert arrays["principal_state"].shape[1] == K.LEGACY_N_STATE
+    np.savez_compressed(tmp_path / "state.npz", **arrays)
+    legacy = FeatureEngine()
+    legacy.load_state(tmp_path)
+    assert_same(legacy.transform(rest).select(COMPARED), engine.transform(rest).select(COMPARED))
+
+
+def test_state_with_a_short_row_is_refused(tmp_path: Path) -> None:
+    engine = FeatureEngine()
+    engine.transform(make_events(history(1)))
+    engine.save_state(tmp_path)
+    with np.load(tmp_path / "state.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["principal_state"] = arrays["principal_state"][:, :-1]
+    np.savez_compressed(tmp_path / "state.npz", **arrays)
+    with pytest.raises(ModelError, match="inconsistent"):
+        FeatureEngine().load_state(tmp_path)

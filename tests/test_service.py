@@ -5,15 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
+import sqlalchemy as sa
 
-from detector import pipeline
+from detector import live, pipeline
 from detector.features.engine import FeatureEngine
 from detector.scoring import artefact
+from detector.sinks import store
+from detector.sinks import tables as t
 from detector.sources.files import read_events
 from tests.service_support import (
     all_incidents,
@@ -23,6 +28,7 @@ from tests.service_support import (
     running,
     settings_for,
 )
+from tests.test_delivery_support import add_incident, incident_doc
 
 
 def _batch_ids(models: Path, events: Path) -> set[str]:
@@ -154,7 +160,10 @@ def test_restart_after_a_crash_replays_state_and_continues_exactly(
 
 
 def _principal_state(engine: FeatureEngine) -> dict[str, np.ndarray]:
-    return {name: engine.state_[i].copy() for name, i in engine.principals_.items()}
+    return {
+        name: np.concatenate([engine.state_[i], engine.highs_[i]])
+        for name, i in engine.principals_.items()
+    }
 
 
 def test_promoting_a_model_switches_the_running_service(tmp_path: Path) -> None:
@@ -262,3 +271,54 @@ def test_webhook_secrets_come_from_a_file(tmp_path: Path) -> None:
     missing = config.Settings(sinks=[{**sink, "secret_file": str(tmp_path / "nope")}])
     with pytest.raises(config.ConfigError, match="cannot read secret file"):
         missing.sinks[0].secrets()  # type: ignore[union-attr]
+
+
+def test_idle_incidents_resolve_in_bounded_chunks_each_with_one_alert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an incident storm the quiet incidents resolve a chunk per transaction until none
+    is left; each gets exactly one incident.resolved alert; a busy one stays open."""
+
+    monkeypatch.setattr(live, "_RESOLVE_CHUNK", 3)
+    monkeypatch.setattr(live, "_RESOLVE_EVERY_S", float("inf"))  # only this test resolves
+    chunks: list[int] = []
+    resolve = store.Tx.resolve_idle
+
+    def counted(self: store.Tx, *args: Any) -> list[dict[str, Any]]:
+        docs = resolve(self, *args)
+        chunks.append(len(docs))
+        return docs
+
+    monkeypatch.setattr(store.Tx, "resolve_idle", counted)
+    settings = settings_for(
+        tmp_path,
+        models_copy(tmp_path),
+        incidents={"resolve_after_s": 600},
+        sinks=[{"name": "soc", "kind": "webhook", "url": "http://127.0.0.1:9/hook",
+                "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}],
+    )
+    with running(settings) as service:
+        _resolve_storm(service, chunks)
+
+
+def _resolve_storm(service: Any, chunks: list[int]) -> None:
+    engine = service.store.engine
+    quiet_since = datetime.now(UTC) - timedelta(hours=2)
+    quiet = [f"inc_q{i}" for i in range(8)]  # two full chunks and a partial one
+    for n, incident_id in enumerate(quiet):
+        add_incident(engine, incident_doc(incident_id, principal=f"p{n}"), first_seen=quiet_since)
+    add_incident(engine, incident_doc("inc_busy", principal="busy"), first_seen=quiet_since)
+    with engine.begin() as conn:
+        conn.execute(
+            t.incidents.update().where(t.incidents.c.id.in_(quiet)).values(updated_at=quiet_since)
+        )
+
+    assert service.resolve_idle() == len(quiet)
+    assert chunks == [3, 3, 2]
+    assert service.resolve_idle() == 0
+    with engine.connect() as conn:
+        status = dict(conn.execute(sa.select(t.incidents.c.id, t.incidents.c.status)).all())
+        kinds = conn.execute(sa.select(t.outbox.c.incident_id, t.outbox.c.kind)).all()
+    assert {i for i, s in status.items() if s == "resolved"} == set(quiet)
+    assert status["inc_busy"] == "open"
+    assert sorted(i for i, kind in kinds if kind == "incident.resolved") == sorted(quiet)

@@ -150,6 +150,17 @@ def _model_matrix(out: np.ndarray) -> np.ndarray:
     )
 
 
+def _grown(array: np.ndarray, extra: int) -> np.ndarray:
+    """``array`` with ``extra`` zeroed rows added. In place where the array owns its memory
+    (the allocator can then extend it without holding two copies), else by copying."""
+    rows = (array.shape[0] + extra, *array.shape[1:])
+    try:
+        array.resize(rows, refcheck=False)
+    except ValueError:
+        return np.vstack([array, np.zeros((extra, *array.shape[1:]), dtype=array.dtype)])
+    return array
+
+
 class FeatureEngine:
     """Stateful, incremental feature computation. ``transform`` is the one verb."""
 
@@ -164,6 +175,7 @@ class FeatureEngine:
         self._table_cache: dict[str, tuple[bool, int, float]] = {}
         self.principals_: dict[str, int] = {}
         self.state_ = np.zeros((0, K.N_STATE))
+        self.highs_ = np.zeros((0, K.N_HIGH), dtype=K.HIGH_DTYPE)
         self.keys_ = np.full(1024, K.EMPTY, dtype=np.int64)
         self.kinds_ = np.zeros(1024, dtype=np.int8)
         self.ta_ = np.zeros(1024)
@@ -212,6 +224,7 @@ class FeatureEngine:
             cols["hour"],
             cols["known_size"],
             self.state_,
+            self.highs_,
             self.keys_,
             self.kinds_,
             self.ta_,
@@ -355,13 +368,9 @@ class FeatureEngine:
         return np.ascontiguousarray(idx.to_numpy())
 
     def _grow(self, extra: int) -> None:
-        """Add ``extra`` zeroed principal rows. In place where the array owns its memory (the
-        allocator can then extend it without holding two copies), else by copying."""
-        rows = self.state_.shape[0] + extra
-        try:
-            self.state_.resize((rows, K.N_STATE), refcheck=False)
-        except ValueError:
-            self.state_ = np.vstack([self.state_, np.zeros((extra, K.N_STATE))])
+        """Add ``extra`` zeroed principal rows to the state and the daily highs."""
+        self.state_ = _grown(self.state_, extra)
+        self.highs_ = _grown(self.highs_, extra)
 
     # ------------------------------------------------------------------ output
     def frame(self, batch: FeatureBatch, mask: np.ndarray | None = None) -> pl.DataFrame:
@@ -399,6 +408,7 @@ class FeatureEngine:
             np.savez_compressed(
                 fh,
                 principal_state=self.state_[: len(self.principals_)],
+                principal_highs=self.highs_[: len(self.principals_)],
                 keys=live[0],
                 kinds=live[1],
                 ta=live[2],
@@ -422,6 +432,7 @@ class FeatureEngine:
             meta = json.loads((directory / "state.json").read_text())
             with np.load(directory / "state.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("principal_state", "keys", "kinds", "ta", "va")}
+                highs = z["principal_highs"] if "principal_highs" in z.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot read feature state in {directory}: {exc}") from exc
         if meta.get("spec_hash") != self.spec_hash:
@@ -430,10 +441,21 @@ class FeatureEngine:
                 f"({meta.get('spec_hash')!s:.12} != {self.spec_hash:.12})"
             )
         names: list[str] = meta["principals"]
-        if arrays["principal_state"].shape != (len(names), K.N_STATE):
+        state = arrays["principal_state"]
+        if highs is None and state.shape == (len(names), K.LEGACY_N_STATE):
+            # written before the daily highs had an array of their own
+            ring = slice(K.LEGACY_S_HIGH0, K.LEGACY_S_HIGH0 + K.N_HIGH)
+            highs = state[:, ring]
+            state = np.delete(state, ring, axis=1)
+        if (
+            highs is None
+            or state.shape != (len(names), K.N_STATE)
+            or highs.shape != (len(names), K.N_HIGH)
+        ):
             raise ModelError(f"feature state in {directory} is inconsistent")
         self.principals_ = {name: i for i, name in enumerate(names)}
-        self.state_ = np.array(arrays["principal_state"], dtype=np.float64, order="C")
+        self.state_ = np.array(state, dtype=np.float64, order="C")
+        self.highs_ = np.array(highs, dtype=K.HIGH_DTYPE, order="C")
         self.keys_ = np.ascontiguousarray(arrays["keys"], dtype=np.int64)
         self.kinds_ = np.ascontiguousarray(arrays["kinds"], dtype=np.int8)
         self.ta_ = np.ascontiguousarray(arrays["ta"], dtype=np.float64)

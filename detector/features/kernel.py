@@ -89,11 +89,22 @@ S_LAST_T, S_SEEN, S_RATE, S_SENS1H, S_SENS24H, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 3
 S_BASE_W, S_WIN_START, S_FIRST_T = 8, 9, 10
 HIGH_DAYS: Final = 35  # the previous high spans this many active days (monthly jobs too)
 S_LAST_DAY, S_SLOT = 11, 12  # day number of the current ring slot (-1: none yet), its index
-S_HIGH0: Final = 13  # HIGH_DAYS x NC daily highs (closed windows only), a ring of active days
-S_WHIGH0: Final = S_HIGH0 + HIGH_DAYS * NC  # NC highs within the current window
+S_WHIGH0: Final = 13  # NC highs within the current window
 S_RATE0: Final = S_WHIGH0 + NC  # NB - NC habit sums
 S_HIST0: Final = S_RATE0 + (NB - NC)  # 24 hour-of-day bins
 N_STATE: Final = S_HIST0 + 24
+
+# --- per-principal daily highs, an array of their own ---------------------------------------
+#: HIGH_DAYS x NC daily highs (closed windows only), a ring of active days: six in seven of
+#: the state's values. They are log-scale values compared with a 1.5x growth allowance, so
+#: they are kept as float32 (7 significant digits): half the memory of a principal. Every
+#: value is rounded once, when its window closes, so batching still cannot change a result.
+N_HIGH: Final = HIGH_DAYS * NC
+HIGH_DTYPE: Final = np.float32
+#: Where the ring sat inside the state row before it had an array of its own (engine 5
+#: state files written until then hold it there; the loader moves it).
+LEGACY_S_HIGH0: Final = 13
+LEGACY_N_STATE: Final = N_STATE + N_HIGH
 
 
 # --- extra output columns after the 2 * NB (value, typical) pairs ---------------------------
@@ -204,6 +215,7 @@ def run(
     hour: np.ndarray,
     known_size: np.ndarray,
     ps: np.ndarray,
+    highs: np.ndarray,
     keys: np.ndarray,
     kinds: np.ndarray,
     ta: np.ndarray,
@@ -389,17 +401,18 @@ def run(
             if fresh_day:
                 ps[p, S_SLOT] = (ps[p, S_SLOT] + 1.0) % HIGH_DAYS
                 ps[p, S_LAST_DAY] = day
-            base = S_HIGH0 + int(ps[p, S_SLOT]) * NC
+            base = int(ps[p, S_SLOT]) * NC
             for q in range(NC):
                 whigh = ps[p, S_WHIGH0 + q]
-                ps[p, base + q] = whigh if fresh_day else max(ps[p, base + q], whigh)
+                if fresh_day or whigh > highs[p, base + q]:
+                    highs[p, base + q] = whigh
                 ps[p, S_WHIGH0 + q] = 0.0
             ps[p, S_WIN_START] = now
         history = ps[p, S_LAST_DAY] >= 0.0
         for q in range(NC):
             high = 0.0
             for d in range(HIGH_DAYS):
-                high = max(high, ps[p, S_HIGH0 + d * NC + q])
+                high = max(high, float(highs[p, d * NC + q]))
             out[i, 2 * q] = vals[q]
             out[i, 2 * q + 1] = high if history else math.nan
             if not math.isnan(vals[q]):

@@ -150,16 +150,22 @@ class Tx:
             self._conn.execute(stmt, rows)
 
     def resolve_idle(
-        self, event_before: datetime | None, wall_before: datetime, comment: str
+        self, event_before: datetime | None, wall_before: datetime, comment: str, limit: int
     ) -> list[dict[str, Any]]:
-        """Resolve every open or acknowledged incident whose last event is before
-        ``event_before`` or that has not changed since ``wall_before``; their documents."""
+        """Resolve up to ``limit`` open or acknowledged incidents whose last event is before
+        ``event_before`` or that have not changed since ``wall_before``, the longest quiet
+        first; their documents. The limit bounds memory and transaction size after an
+        incident storm: the caller repeats until fewer than ``limit`` come back."""
         c = t.incidents.c
         quiet = c.updated_at < wall_before
         if event_before is not None:
             quiet = sa.or_(quiet, c.last_seen < event_before)
         found = self._conn.execute(
-            sa.select(c.id, c.doc).where(c.status.in_(("open", "acknowledged"))).where(quiet)
+            sa.select(c.id, c.doc)
+            .where(c.status.in_(("open", "acknowledged")))
+            .where(quiet)
+            .order_by(c.last_seen, c.id)
+            .limit(limit)
         ).all()
         docs = [{**doc, "status": "resolved"} for _id, doc in found]
         if docs:
