@@ -402,23 +402,24 @@ class FeatureEngine:
     def save_state(self, directory: Path) -> list[Path]:
         """Write the state as ``state.npz`` (no pickled objects) and ``state.json``."""
         directory.mkdir(parents=True, exist_ok=True)
-        live = self._compacted()
+        # The pair table goes as it is: an expired entry reads exactly like an absent one, and
+        # compacting it first would hold a second copy of the table while the service runs.
         npz = directory / "state.npz"
         with npz.open("wb") as fh:
             np.savez_compressed(
                 fh,
                 principal_state=self.state_[: len(self.principals_)],
                 principal_highs=self.highs_[: len(self.principals_)],
-                keys=live[0],
-                kinds=live[1],
-                ta=live[2],
-                va=live[3],
+                keys=self.keys_,
+                kinds=self.kinds_,
+                ta=self.ta_,
+                va=self.va_,
             )
         meta = {
             "engine_version": ENGINE_VERSION,
             "spec_hash": self.spec_hash,
             "principals": list(self.principals_),
-            "table_size": int(live[4]),
+            "table_size": self.size_,
             "events_seen": self.events_seen_,
             "last_event_time": self.last_event_time_,
         }
@@ -463,9 +464,3 @@ class FeatureEngine:
         self.size_ = int(meta["table_size"])
         self.events_seen_ = int(meta["events_seen"])
         self.last_event_time_ = meta["last_event_time"]
-
-    def _compacted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        now = self.last_event_time_ if self.last_event_time_ is not None else 0.0
-        return K.rebuild(
-            self.keys_, self.kinds_, self.ta_, self.va_, self.expiry, now, self.keys_.shape[0]
-        )
