@@ -49,6 +49,10 @@ SPOOL_TARGET: Final = 50_000.0
 SPOOL_P99_TARGET_S: Final = 2.0
 HTTP_TARGET: Final = 20_000.0
 MEMORY_TARGET_MIB: Final = 1024.0
+#: Offered loads: 10% above the targets, so that "sustained" is read off what the service took
+#: while more was offered, not off an offer it merely kept pace with.
+SPOOL_OFFER: Final = SPOOL_TARGET * 1.1
+HTTP_OFFER: Final = HTTP_TARGET * 1.1
 
 #: Live data starts the day after the shipped model's training window, at its density, so the
 #: service continues the model's feature state instead of warming up for 24 h of event time.
@@ -428,7 +432,7 @@ def spool_phase(args: argparse.Namespace, workdir: Path, report: Report, console
             "scored during the offer (events/s)",
             f"{during:,.0f}",
             f">= {SPOOL_TARGET:,.0f}",
-            during >= SPOOL_TARGET * 0.98,
+            during >= SPOOL_TARGET,
         )
         report.add(
             "spool", "scored, second half of the offer (events/s)", f"{second_half or 0:,.0f}"
@@ -580,7 +584,7 @@ def http_phase(args: argparse.Namespace, workdir: Path, report: Report, console:
             "accepted (events/s)",
             f"{acc_rate:,.0f}",
             f">= {HTTP_TARGET:,.0f}",
-            acc_rate >= HTTP_TARGET * 0.98,
+            acc_rate >= HTTP_TARGET,
         )
         report.add("http", "scored during the offer (events/s)", f"{scored_at_end / window:,.0f}")
         report.add(
@@ -815,11 +819,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=BENCH_DIR / "out")
     p.add_argument("--phases", default="spool,http,memory", help="comma-separated")
     p.add_argument("--seconds", type=float, default=60.0, help="offered-load duration (60)")
-    p.add_argument("--spool-rate", type=float, default=SPOOL_TARGET, help="events/s (50,000)")
+    p.add_argument(
+        "--spool-rate", type=float, default=SPOOL_OFFER, help="offered events/s (55,000)"
+    )
     p.add_argument("--interval", type=float, default=0.1, help="seconds between spool files")
     p.add_argument("--drain-events", type=int, default=1_000_000, help="the max-throughput file")
     p.add_argument("--injections", type=int, default=60, help="attack events injected")
-    p.add_argument("--http-rate", type=float, default=HTTP_TARGET, help="events/s (20,000)")
+    p.add_argument(
+        "--http-rate", type=float, default=HTTP_OFFER, help="offered events/s (22,000)"
+    )
     p.add_argument("--body-events", type=int, default=2_000, help="events per HTTP body")
     p.add_argument("--clients", type=int, default=3, help="concurrent HTTP clients")
     p.add_argument("--principals", type=int, default=100_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import date
 from enum import StrEnum
@@ -497,6 +498,10 @@ def _preflight(settings: Any, stdin_format: str | None) -> list[str]:
             problems.append(
                 f"{where}: unknown format {name!r}; valid: {', '.join(formats.FORMATS)}"
             )
+    for i, src in enumerate(settings.sources):
+        creds = getattr(src, "credentials_file", None)
+        if creds is not None and not os.access(creds, os.R_OK):
+            problems.append(f"sources.{i}.credentials_file: cannot read {creds}")
     if not settings.store_url.startswith(("sqlite", "postgresql")):
         problems.append("store.url: only sqlite:/// and postgresql+psycopg:// URLs are supported")
     try:
@@ -528,7 +533,11 @@ def config_check(
     table.add_row("store", settings.store_url.split("@")[-1])
     table.add_row("model", f"{settings.models_dir / settings.model}")
     for src in settings.sources:
-        table.add_row(f"source {src.name}", f"{src.path} ({src.format}, {src.pattern})")
+        if isinstance(src, cfg.JetStreamSource):
+            where = f"{src.url.split('@')[-1]} stream {src.stream}"
+            table.add_row(f"source {src.name}", f"{where} {src.subject or ''} ({src.format})")
+        else:
+            table.add_row(f"source {src.name}", f"{src.path} ({src.format}, {src.pattern})")
     for sink in settings.sinks:
         table.add_row(f"sink {sink.name}", f"{sink.kind} {sink.url}")
     out.print(table)

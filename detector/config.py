@@ -92,7 +92,37 @@ class DirectorySource(_Strict):
     )
 
 
-SourceSettings = Annotated[DirectorySource, Field(discriminator="kind")]
+class JetStreamSource(_Strict):
+    """A NATS JetStream stream, read in sequence order; each message holds whole records
+    (canonical JSON lines or lines of an audit-log format). The stream is not changed: no
+    acknowledgements, no durable consumer; the position commits with the batches."""
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="Source name, used in metrics labels (http and stdin are reserved).",
+    )
+    kind: Literal["nats"] = Field("nats", description="The source type.")
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated.")
+    stream: str = Field(pattern=r"^[^.*>\s]+$", description="JetStream stream to read.")
+    subject: str | None = Field(None, description="Only messages on this subject (wildcards ok).")
+    start: Literal["all", "new"] = Field(
+        "all",
+        description="With no saved position: from the stream's first message, or only new ones.",
+    )
+    format: str = Field("canonical", description="canonical or an audit-log adapter name.")
+    default_tz: str | None = Field(None, description="Zone for naive timestamps (else rejected).")
+    options: dict[str, str] = Field(
+        default_factory=dict, description="Adapter options, e.g. log_line_prefix."
+    )
+    credentials_file: Path | None = Field(None, description="NATS credentials (.creds) file.")
+    fetch_messages: int = Field(1000, ge=1, le=100_000, description="Messages per fetch.")
+
+
+SourceSettings = Annotated[DirectorySource | JetStreamSource, Field(discriminator="kind")]
+
+
+def _default_sources() -> list[SourceSettings]:
+    return [DirectorySource(name="spool", path=Path("spool"))]
 
 
 class _SinkBase(_Strict):
@@ -197,7 +227,8 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     store: StoreSettings = StoreSettings()
     sources: list[SourceSettings] = Field(
-        default_factory=lambda: [DirectorySource(name="spool", path=Path("spool"))]
+        default_factory=_default_sources,
+        description="Where events come from: directories and JetStream streams.",
     )
     sinks: list[SinkSettings] = Field(default_factory=list)
     pipeline: PipelineSettings = PipelineSettings()

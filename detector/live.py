@@ -25,16 +25,17 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 import structlog
 
 from detector import formats, schema
+from detector.config import JetStreamSource as JetStreamSettings
 from detector.config import Settings
 from detector.errors import ModelError
 from detector.incidents import merge
@@ -46,6 +47,7 @@ from detector.sinks import delivery, tables
 from detector.sinks.metrics import Metrics
 from detector.sinks.store import Route, Snapshot, Store
 from detector.sources.directory import DirectorySource, Read
+from detector.sources.jetstream import JetStreamSource
 from detector.sources.journal import HttpIngest, Journal
 
 log = structlog.get_logger("exfilwatch.live")
@@ -129,6 +131,22 @@ class ReadQueue:
         return self._events
 
 
+class Source(Protocol):
+    """What the service needs of a source (a directory or a JetStream stream)."""
+
+    name: str
+
+    def scan(self) -> Iterator[Read]: ...
+
+    def positions(self) -> dict[str, dict[str, Any]]: ...
+
+    def reread(self, entry: dict[str, Any]) -> pl.DataFrame: ...
+
+    def forget(self, keys: set[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class Health:
     model_loaded: bool = False
@@ -158,7 +176,7 @@ class Service:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: list[Any] = []
-        self._sources: dict[str, DirectorySource] = {}
+        self._sources: dict[str, Source] = {}
         self._formats: dict[str, str] = {}
         self._journal_backlog = 0
         self._backlog_lock = threading.Lock()
@@ -273,10 +291,15 @@ class Service:
         self._service_pos = saved.get(_SERVICE, {})
         read = self.settings.pipeline.read_events
 
+        def feeder(
+            fmt: str, tz: str | None, options: dict[str, str]
+        ) -> Callable[[str, int], Any]:
+            make_feeder = formats.factory(fmt)
+            return lambda where, line: make_feeder(where, line, tz, options)
+
         def make(
             name: str, path: Path, fmt: str, pattern: str, tz: str | None, options: dict[str, str]
         ) -> None:
-            make_feeder = formats.factory(fmt)
             self._formats[name] = fmt
             self._sources[name] = DirectorySource(
                 name,
@@ -284,13 +307,32 @@ class Service:
                 pattern=pattern,
                 default_tz=tz,
                 read_events=read,
-                make_feeder=lambda where, line: make_feeder(where, line, tz, options),
+                make_feeder=feeder(fmt, tz, options),
                 positions=saved.get(name),
                 quarantine=self.quarantine,
                 on_reject=self._rejected(name),
             )
+            self.metrics.source_up.labels(name).set(1)
 
         for src in self.settings.sources:
+            if isinstance(src, JetStreamSettings):
+                self._formats[src.name] = src.format
+                self._sources[src.name] = JetStreamSource(
+                    src.name,
+                    url=src.url,
+                    stream=src.stream,
+                    subject=src.subject,
+                    start=src.start,
+                    make_feeder=feeder(src.format, src.default_tz, src.options),
+                    fetch_messages=src.fetch_messages,
+                    fetch_wait_s=max(0.05, self.settings.pipeline.poll_s),
+                    credentials_file=src.credentials_file,
+                    positions=saved.get(src.name),
+                    quarantine=self.quarantine,
+                    on_reject=self._rejected(src.name),
+                    on_status=self.metrics.source_up.labels(src.name).set,
+                )
+                continue
             src.path.mkdir(parents=True, exist_ok=True)
             make(src.name, src.path, src.format, src.pattern, src.default_tz, src.options)
         make("http", self.state_dir / "journal/http", "canonical", "*", None, {})
@@ -690,7 +732,13 @@ class Service:
             thread.join(10)
         for worker in self._workers:
             worker.stop(1)
+        self._close_sources()
         self.store.engine.dispose()
+
+    def _close_sources(self) -> None:
+        for source in self._sources.values():
+            with contextlib.suppress(Exception):
+                source.close()
 
     # ================================================================== stop
     def stop(self, timeout: float = 30.0) -> None:
@@ -702,6 +750,7 @@ class Service:
             thread.join(max(0.1, deadline - time.monotonic()))
         with contextlib.suppress(Exception):
             self.snapshot()
+        self._close_sources()
         for worker in self._workers:
             worker.stop(max(0.1, deadline - time.monotonic()))
         self.quarantine.close()

@@ -129,6 +129,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.source_up = Gauge(
+            "exfilwatch_source_up",
+            "1 while a source can be read (a JetStream source's server and stream reachable).",
+            ["source"],
+            registry=r,
+        )
         self.last_event = Gauge(
             "exfilwatch_source_last_event_timestamp_seconds",
             "Timestamp of the newest event seen from each source (Unix time).",

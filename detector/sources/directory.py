@@ -378,6 +378,9 @@ class DirectorySource:
             self._files.pop(key, None)
             self._saved.pop(key, None)
 
+    def close(self) -> None:
+        """Nothing is held open between scans."""
+
 
 class _Routed(Quarantine):
     """Quarantine to ``inner`` and report each batch of rejects to ``on_reject``."""

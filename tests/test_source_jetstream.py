@@ -1,0 +1,287 @@
+"""The JetStream source against the NATS server on 127.0.0.1:4222: sequence order, rejects,
+positions and replay, subject filters, an unreachable server, and the service resuming exactly
+after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector.quarantine import Quarantine
+from detector.sources.feeders import CanonicalLines
+from detector.sources.files import read_events
+from detector.sources.jetstream import JetStreamSource, SourceUnavailable, message_events
+from tests.pgcluster import free_port
+from tests.service_support import all_incidents, metric, models_copy, running, settings_for
+
+URL = "nats://127.0.0.1:4222"
+COMPARED = ["event_time", "db_user", "client_ip", "action", "statement_text", "rows_returned"]
+
+
+class Stream:
+    """A private stream on the local server, removed afterwards."""
+
+    def __init__(self) -> None:
+        self.name = f"EXFILWATCH_TEST_{uuid.uuid4().hex[:10].upper()}"
+        self.prefix = self.name.lower()
+        self._run(self._create())
+
+    @staticmethod
+    def _run(coro: Any) -> Any:
+        return asyncio.run(coro)
+
+    async def _js(self) -> tuple[Any, Any]:
+        nc = await nats.connect(URL, connect_timeout=2, max_reconnect_attempts=0)
+        return nc, nc.jetstream()
+
+    async def _create(self) -> None:
+        nc, js = await self._js()
+        try:
+            await js.add_stream(name=self.name, subjects=[f"{self.prefix}.>"])
+        finally:
+            await nc.close()
+
+    def publish(self, payloads: list[bytes], subject: str = "a") -> list[int]:
+        async def go() -> list[int]:
+            nc, js = await self._js()
+            try:
+                return [
+                    (await js.publish(f"{self.prefix}.{subject}", p)).seq for p in payloads
+                ]
+            finally:
+                await nc.close()
+
+        result: list[int] = self._run(go())
+        return result
+
+    def purge(self) -> None:
+        async def go() -> None:
+            nc, js = await self._js()
+            try:
+                await js.purge_stream(self.name)
+            finally:
+                await nc.close()
+
+        self._run(go())
+
+    def delete(self) -> None:
+        async def go() -> None:
+            nc, js = await self._js()
+            try:
+                await js.delete_stream(self.name)
+            finally:
+                await nc.close()
+
+        self._run(go())
+
+
+@pytest.fixture
+def stream() -> Iterator[Stream]:
+    try:
+        made = Stream()
+    except Exception as exc:  # no server, or no JetStream on it
+        reason = f"no NATS JetStream server at {URL}: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    try:
+        yield made
+    finally:
+        made.delete()
+
+
+def messages(lines: list[bytes], sizes: list[int]) -> list[bytes]:
+    """``lines`` cut into messages of the given sizes in turn (cycled)."""
+    out, i, k = [], 0, 0
+    while i < len(lines):
+        n = sizes[k % len(sizes)]
+        out.append(b"".join(lines[i : i + n]))
+        i, k = i + n, k + 1
+    return out
+
+
+def sample_lines(live_sample: Path, n: int, offset: int = 0) -> list[bytes]:
+    return (live_sample / "events.jsonl").read_bytes().splitlines(keepends=True)[offset : offset + n]
+
+
+def expected(lines: list[bytes], tmp: Path) -> pl.DataFrame:
+    path = tmp / f"expected-{uuid.uuid4().hex[:6]}.jsonl"
+    path.write_bytes(b"".join(lines))
+    return pl.concat(read_events([path])).select(COMPARED)
+
+
+def test_messages_become_events_in_order_with_rejects_kept_and_positions_resumable(
+    stream: Stream, live_sample: Path, tmp_path: Path
+) -> None:
+    lines = sample_lines(live_sample, 400)
+    payloads = messages(lines, [1, 7, 3, 20])
+    payloads.insert(5, b"{not json at all\n")  # one bad record between good ones
+    seqs = stream.publish(payloads)
+    quarantine = Quarantine(tmp_path / "rejected.jsonl")
+    rejected: list[int] = []
+    source = JetStreamSource(
+        "bus", url=URL, stream=stream.name, fetch_messages=16, quarantine=quarantine,
+        on_reject=lambda frame: rejected.append(frame.height),
+    )
+    try:
+        reads = list(source.scan())
+        assert [r.start["seq"] for r in reads] == [0, *[r.end["seq"] for r in reads[:-1]]]
+        assert reads[-1].end["seq"] == seqs[-1]
+        got = pl.concat([r.events for r in reads]).select(COMPARED)
+        assert got.equals(expected(lines, tmp_path))
+        assert sum(rejected) == 1 and sum(r.rejected for r in reads) == 1
+        quarantine.close()
+        assert "not json" in (tmp_path / "rejected.jsonl").read_text()
+        for read in reads:  # the restart replay reads the same events again
+            assert source.reread(read.log_entry()).equals(read.events)
+        assert source.positions() == {stream.name: {"seq": seqs[-1]}}
+        assert list(source.scan()) == []
+    finally:
+        source.close()
+
+    more = sample_lines(live_sample, 50, offset=400)
+    stream.publish(messages(more, [5]))
+    resumed = JetStreamSource(
+        "bus", url=URL, stream=stream.name, positions={stream.name: {"seq": seqs[-1]}}
+    )
+    try:
+        again = pl.concat([r.events for r in resumed.scan()]).select(COMPARED)
+        assert again.equals(expected(more, tmp_path))
+    finally:
+        resumed.close()
+
+
+def test_subject_filter_and_starting_at_new_messages(
+    stream: Stream, live_sample: Path, tmp_path: Path
+) -> None:
+    lines = sample_lines(live_sample, 60)
+    stream.publish(messages(lines[:20], [1]), subject="db1")
+    only_new = JetStreamSource("bus", url=URL, stream=stream.name, start="new")
+    filtered = JetStreamSource("one", url=URL, stream=stream.name, subject=f"{stream.prefix}.db2")
+    try:
+        assert list(only_new.scan()) == []  # what was there before it first connected
+        stream.publish(messages(lines[20:40], [2]), subject="db2")
+        stream.publish(messages(lines[40:], [4]), subject="db1")
+        new = pl.concat([r.events for r in only_new.scan()]).select(COMPARED)
+        assert new.equals(expected(lines[20:], tmp_path))
+        db2 = pl.concat([r.events for r in filtered.scan()]).select(COMPARED)
+        assert db2.equals(expected(lines[20:40], tmp_path))
+    finally:
+        only_new.close()
+        filtered.close()
+
+
+def test_replaying_a_range_the_stream_no_longer_holds_is_reported(
+    stream: Stream, live_sample: Path
+) -> None:
+    stream.publish(messages(sample_lines(live_sample, 30), [3]))
+    source = JetStreamSource("bus", url=URL, stream=stream.name)
+    try:
+        reads = list(source.scan())
+        stream.purge()
+        with pytest.raises(SourceUnavailable, match="gone"):
+            source.reread(reads[0].log_entry())
+    finally:
+        source.close()
+
+
+def test_an_unreachable_server_yields_nothing_and_is_reported() -> None:
+    status: list[bool] = []
+    source = JetStreamSource(
+        "bus", url=f"nats://127.0.0.1:{free_port()}", stream="NOPE", on_status=status.append
+    )
+    try:
+        assert list(source.scan()) == []
+        assert status == [False]
+        assert list(source.scan()) == []  # waits before trying again; no second report
+        assert status == [False]
+    finally:
+        source.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6),
+    strip=st.lists(st.booleans(), min_size=1, max_size=6),
+    start=st.integers(0, 200),
+)
+def test_any_cut_into_messages_gives_the_events_of_the_whole(
+    live_sample: Path, tmp_path_factory: pytest.TempPathFactory, sizes: list[int],
+    strip: list[bool], start: int,
+) -> None:
+    """Records cut into messages in any way, each message's last newline kept or not, parse
+    to the events of the same lines read as one file."""
+    lines = sample_lines(live_sample, 40, offset=start)
+    payloads = messages(lines, sizes)
+    payloads = [p.rstrip(b"\n") if strip[i % len(strip)] else p for i, p in enumerate(payloads)]
+    parsed = message_events(payloads, CanonicalLines("nats:S:1"))
+    assert parsed.rejects.height == 0
+    whole = expected(lines, tmp_path_factory.mktemp("cut"))
+    assert parsed.events.select(COMPARED).equals(whole)
+
+
+def test_service_reads_a_stream_and_resumes_exactly_after_a_crash(
+    stream: Stream, live_sample: Path, tmp_path: Path
+) -> None:
+    """Scored from the stream, crashed (no drain, no final snapshot), restarted: every event
+    scored once and the incidents those of batch scoring over the whole sample."""
+    from detector import pipeline
+
+    lines = (live_sample / "events.jsonl").read_bytes().splitlines(keepends=True)
+    models = models_copy(tmp_path)
+    source = {"name": "bus", "kind": "nats", "url": URL, "stream": stream.name}
+    config = settings_for(tmp_path, models, sources=[source])
+    stream.publish(messages(lines[:15000], [50, 13, 200]))
+    with running(config) as service:
+        assert service.wait_idle(timeout=120)
+        assert metric(service, "exfilwatch_source_up", {"source": "bus"}) == 1
+        first = metric(service, "exfilwatch_events_scored_total")
+        service.crash_for_tests()
+    assert first == 15000
+    stream.publish(messages(lines[15000:], [50, 13, 200]))
+    with running(config) as service:
+        assert service.wait_idle(timeout=120)
+        assert metric(service, "exfilwatch_events_scored_total") == len(lines) - 15000
+        ids = {inc["id"] for inc in all_incidents(service)}
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(b"".join(lines))
+    report = pipeline.score(models / "default", [whole], None)
+    assert ids == {inc["id"] for inc in report.incidents} and len(ids) >= 7
+
+
+def test_config_check_shows_a_stream_source_and_names_its_errors(tmp_path: Path) -> None:
+    from tests.conftest import exfilwatch
+
+    repo = Path(__file__).resolve().parents[1]
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[[sources]]\nname = "bus"\nkind = "nats"\nurl = "nats://app:s3cret@127.0.0.1:4222"\n'
+        'stream = "DB_AUDIT"\nsubject = "db.audit.>"\nformat = "pgaudit-jsonlog"\n'
+    )
+    ok = exfilwatch("config", "check", str(good), cwd=repo)
+    assert ok.returncode == 0, ok.stderr
+    assert "stream DB_AUDIT" in ok.stdout and "s3cret" not in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[[sources]]\nname = "bus"\nkind = "nats"\nstream = "db.audit"\nstart = "middle"\n'
+    )
+    run = exfilwatch("config", "check", str(bad), cwd=repo)
+    assert run.returncode == 2
+    assert "sources.0.nats.stream" in run.stderr and "sources.0.nats.start" in run.stderr
+    creds = tmp_path / "creds.toml"
+    creds.write_text(
+        '[[sources]]\nname = "bus"\nkind = "nats"\nstream = "S"\n'
+        f'credentials_file = "{tmp_path / "missing.creds"}"\n'
+    )
+    run = exfilwatch("config", "check", str(creds), cwd=repo)
+    assert run.returncode == 2 and "sources.0.credentials_file: cannot read" in run.stderr
