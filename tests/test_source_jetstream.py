@@ -5,7 +5,11 @@ after a crash."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ from detector.sources.files import read_events
 from detector.sources.jetstream import JetStreamSource, SourceUnavailable, message_events
 from tests.pgcluster import free_port
 from tests.service_support import all_incidents, metric, models_copy, running, settings_for
+from tests.test_deploy_support import wait_for
 
 URL = "nats://127.0.0.1:4222"
 COMPARED = ["event_time", "db_user", "client_ip", "action", "statement_text", "rows_returned"]
@@ -64,15 +69,25 @@ class Stream:
         result: list[int] = self._run(go())
         return result
 
-    def purge(self) -> None:
-        async def go() -> None:
+    def _admin(self, call: Any) -> Any:
+        async def go() -> Any:
             nc, js = await self._js()
             try:
-                await js.purge_stream(self.name)
+                return await call(js)
             finally:
                 await nc.close()
 
-        self._run(go())
+        return self._run(go())
+
+    def purge(self, keep_from: int | None = None) -> None:
+        """Remove every message, or those before sequence ``keep_from``."""
+        self._admin(lambda js: js.purge_stream(self.name, seq=keep_from))
+
+    def delete_message(self, seq: int) -> None:
+        self._admin(lambda js: js.delete_msg(self.name, seq))
+
+    def delete_consumer(self, name: str) -> None:
+        self._admin(lambda js: js.delete_consumer(self.name, name))
 
     def delete(self) -> None:
         async def go() -> None:
@@ -98,6 +113,16 @@ def stream() -> Iterator[Stream]:
         yield made
     finally:
         made.delete()
+
+
+def connected(name: str, stream: Stream, **kwargs: Any) -> JetStreamSource:
+    source = JetStreamSource(name, url=URL, stream=stream.name, **kwargs)
+    assert source.wait_connected(10), "cannot connect to the local NATS server"
+    return source
+
+
+def events_of(source: JetStreamSource) -> pl.DataFrame:
+    return pl.concat([r.events for r in source.scan()]).select(COMPARED)
 
 
 def messages(lines: list[bytes], sizes: list[int]) -> list[bytes]:
@@ -129,8 +154,8 @@ def test_messages_become_events_in_order_with_rejects_kept_and_positions_resumab
     seqs = stream.publish(payloads)
     quarantine = Quarantine(tmp_path / "rejected.jsonl")
     rejected: list[int] = []
-    source = JetStreamSource(
-        "bus", url=URL, stream=stream.name, fetch_messages=16, quarantine=quarantine,
+    source = connected(
+        "bus", stream, fetch_messages=16, quarantine=quarantine,
         on_reject=lambda frame: rejected.append(frame.height),
     )
     try:
@@ -151,12 +176,9 @@ def test_messages_become_events_in_order_with_rejects_kept_and_positions_resumab
 
     more = sample_lines(live_sample, 50, offset=400)
     stream.publish(messages(more, [5]))
-    resumed = JetStreamSource(
-        "bus", url=URL, stream=stream.name, positions={stream.name: {"seq": seqs[-1]}}
-    )
+    resumed = connected("bus", stream, positions={stream.name: {"seq": seqs[-1]}})
     try:
-        again = pl.concat([r.events for r in resumed.scan()]).select(COMPARED)
-        assert again.equals(expected(more, tmp_path))
+        assert events_of(resumed).equals(expected(more, tmp_path))
     finally:
         resumed.close()
 
@@ -166,16 +188,17 @@ def test_subject_filter_and_starting_at_new_messages(
 ) -> None:
     lines = sample_lines(live_sample, 60)
     stream.publish(messages(lines[:20], [1]), subject="db1")
-    only_new = JetStreamSource("bus", url=URL, stream=stream.name, start="new")
-    filtered = JetStreamSource("one", url=URL, stream=stream.name, subject=f"{stream.prefix}.db2")
+    only_new = connected("bus", stream, start="new")
+    filtered = connected("one", stream, subject=f"{stream.prefix}.db2")
     try:
-        assert list(only_new.scan()) == []  # what was there before it first connected
+        # what was there before it first connected is skipped; the position is handed over at
+        # once, in an empty read, so that a restart before the next message keeps it
+        (handed,) = list(only_new.scan())
+        assert handed.events.height == 0 and handed.end == {"seq": 20}
         stream.publish(messages(lines[20:40], [2]), subject="db2")
         stream.publish(messages(lines[40:], [4]), subject="db1")
-        new = pl.concat([r.events for r in only_new.scan()]).select(COMPARED)
-        assert new.equals(expected(lines[20:], tmp_path))
-        db2 = pl.concat([r.events for r in filtered.scan()]).select(COMPARED)
-        assert db2.equals(expected(lines[20:40], tmp_path))
+        assert events_of(only_new).equals(expected(lines[20:], tmp_path))
+        assert events_of(filtered).equals(expected(lines[20:40], tmp_path))
     finally:
         only_new.close()
         filtered.close()
@@ -185,7 +208,7 @@ def test_replaying_a_range_the_stream_no_longer_holds_is_reported(
     stream: Stream, live_sample: Path
 ) -> None:
     stream.publish(messages(sample_lines(live_sample, 30), [3]))
-    source = JetStreamSource("bus", url=URL, stream=stream.name)
+    source = connected("bus", stream)
     try:
         reads = list(source.scan())
         stream.purge()
@@ -201,9 +224,9 @@ def test_an_unreachable_server_yields_nothing_and_is_reported() -> None:
         "bus", url=f"nats://127.0.0.1:{free_port()}", stream="NOPE", on_status=status.append
     )
     try:
-        assert list(source.scan()) == []
+        assert not source.wait_connected(5)
         assert status == [False]
-        assert list(source.scan()) == []  # waits before trying again; no second report
+        assert list(source.scan()) == []  # never blocks the reader; no second report
         assert status == [False]
     finally:
         source.close()
@@ -285,3 +308,147 @@ def test_config_check_shows_a_stream_source_and_names_its_errors(tmp_path: Path)
     )
     run = exfilwatch("config", "check", str(creds), cwd=repo)
     assert run.returncode == 2 and "sources.0.credentials_file: cannot read" in run.stderr
+
+
+def test_replay_of_a_whole_range_after_older_messages_went(
+    stream: Stream, live_sample: Path, tmp_path: Path
+) -> None:
+    """The stream's limits removed messages before a read's first one: its replay still works;
+    a message removed from inside a logged range makes the replay fail, never shrink."""
+    lines = sample_lines(live_sample, 40)
+    stream.publish(messages(lines, [2]))  # sequences 1..20
+    stream.purge(keep_from=6)  # 1..5 gone before the source starts
+    source = connected("bus", stream, fetch_messages=5)
+    try:
+        reads = list(source.scan())
+        assert reads[0].end["first"] == 6 and len(reads) == 3
+        for read in reads:
+            assert source.reread(read.log_entry()).equals(read.events)
+        stream.delete_message(13)
+        with pytest.raises(SourceUnavailable, match="4 messages between 11 and 15, 5 were read"):
+            source.reread(reads[1].log_entry())
+    finally:
+        source.close()
+
+
+def test_a_consumer_removed_on_the_server_is_replaced_without_losing_messages(
+    stream: Stream, live_sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detector.sources import jetstream
+
+    monkeypatch.setattr(jetstream, "_CHECK_S", 0.0)  # check on every idle fetch
+    lines = sample_lines(live_sample, 60)
+    stream.publish(messages(lines[:30], [3]))
+    source = connected("bus", stream)
+    try:
+        first = events_of(source)
+        consumer = source._cname
+        assert consumer is not None
+        stream.delete_consumer(consumer)
+        stream.publish(messages(lines[30:], [3]))
+        got = [first]
+        for _ in range(5):  # the idle check notices, the next fetch starts a new consumer
+            got.extend(r.events.select(COMPARED) for r in source.scan())
+        assert pl.concat(got).equals(expected(lines, tmp_path))
+        assert source._cname not in (None, consumer)
+    finally:
+        source.close()
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[PrivateServer]:
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not Path(binary).exists():
+        reason = "nats-server is not installed (apt-get install nats-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    server = PrivateServer(binary, free_port(), tmp_path / "jetstream")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+class PrivateServer:
+    """A NATS server with JetStream of this test's own, stopped by its own process id."""
+
+    def __init__(self, binary: str, port: int, store: Path) -> None:
+        self.binary, self.port, self.store = binary, port, store
+        self.url = f"nats://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, 20, "the private NATS server to answer")
+
+    def _answers(self) -> bool:
+        async def probe() -> bool:
+            try:
+                nc = await nats.connect(self.url, connect_timeout=1, max_reconnect_attempts=1,
+                                        reconnect_time_wait=0.1, allow_reconnect=True)
+            except Exception:
+                return False
+            await nc.close()
+            return True
+
+        return bool(asyncio.run(probe()))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def publish(self, stream: str, payloads: list[bytes]) -> None:
+        async def go() -> None:
+            nc = await nats.connect(self.url, connect_timeout=2)
+            js = nc.jetstream()
+            try:
+                with contextlib.suppress(Exception):
+                    await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"])
+                for p in payloads:
+                    await js.publish(f"{stream.lower()}.a", p)
+            finally:
+                await nc.close()
+
+        asyncio.run(go())
+
+
+def test_a_server_restart_mid_stream_loses_and_repeats_nothing(
+    private_server: PrivateServer, live_sample: Path, tmp_path: Path
+) -> None:
+    """The server is killed while the source is part-way through the stream and started again
+    on the same store: the source reconnects by itself, makes a new consumer after the last
+    sequence it read, and every event arrives exactly once."""
+    lines = sample_lines(live_sample, 300)
+    private_server.publish("AUDIT", messages(lines[:200], [2]))
+    status: list[bool] = []
+    source = JetStreamSource(
+        "bus", url=private_server.url, stream="AUDIT", fetch_messages=10, on_status=status.append
+    )
+    got: list[pl.DataFrame] = []
+    try:
+        assert source.wait_connected(10)
+        reads = source.scan()
+        got.extend(next(reads).events.select(COMPARED) for _ in range(3))  # 30 of 100 messages
+        reads.close()
+        private_server.stop()
+        assert list(source.scan()) == []  # the loss is noticed, not waited on
+        private_server.start()
+        private_server.publish("AUDIT", messages(lines[200:], [2]))
+
+        def caught_up() -> bool:
+            got.extend(r.events.select(COMPARED) for r in source.scan())
+            return sum(g.height for g in got) >= len(lines)
+
+        wait_for(caught_up, 30, "the source to read the rest after the restart")
+        assert pl.concat(got).equals(expected(lines, tmp_path))
+        assert status[0] is True and False in status and status[-1] is True
+    finally:
+        source.close()
