@@ -177,7 +177,7 @@ def free_port() -> int:
 class Served:
     """One `exfilwatch serve` subprocess with its own state directory and spool."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_config: str = "") -> None:
         if root.exists():
             shutil.rmtree(root)
         self.root = root
@@ -195,6 +195,7 @@ class Served:
             'log_level = "warning"\n\n'
             f"[api]\nport = {self.port}\n\n"
             f'[[sources]]\nname = "spool"\nkind = "directory"\npath = "{self.spool}"\n'
+            + extra_config
         )
         exe = Path(sys.executable).with_name("exfilwatch")
         command = [str(exe)] if exe.exists() else [shutil.which("exfilwatch") or "exfilwatch"]
@@ -729,6 +730,90 @@ def memory_case(
         served.stop()
 
 
+def jetstream_phase(
+    args: argparse.Namespace, workdir: Path, report: Report, console: Console
+) -> None:
+    """The stream published to a NATS JetStream stream as fast as one client publishes it,
+    timed from the first publish until the service has scored the last event."""
+    import asyncio
+    import uuid
+
+    import nats
+
+    from detector.samples.output import jsonl_records
+
+    events, per_msg = args.jetstream_events, args.message_events
+    frame = live_sample(workdir, WARM_EVENTS + events, console)
+    warm, stream = frame.head(WARM_EVENTS), frame.slice(WARM_EVENTS)
+    name = f"EXFILWATCH_BENCH_{uuid.uuid4().hex[:8].upper()}"
+    subject = f"{name.lower()}.events"
+    payloads = [b"".join(jsonl_records(piece)) for piece in chunks(stream, per_msg)]
+    console.print(
+        f"jetstream: {stream.height:,} events in {len(payloads):,} messages of {per_msg} "
+        f"to stream {name} at {args.nats_url} ..."
+    )
+
+    async def admin(create: bool) -> None:
+        nc = await nats.connect(args.nats_url, connect_timeout=5)
+        js = nc.jetstream()
+        try:
+            if create:
+                await js.add_stream(name=name, subjects=[f"{name.lower()}.>"])
+            else:
+                await js.delete_stream(name)
+        finally:
+            await nc.close()
+
+    async def publish() -> float:
+        nc = await nats.connect(args.nats_url, connect_timeout=5)
+        js = nc.jetstream()
+        started = time.monotonic()
+        try:
+            window = 256  # publishes awaiting their acknowledgement at once
+            for i in range(0, len(payloads), window):
+                await asyncio.gather(*(js.publish(subject, p) for p in payloads[i : i + window]))
+        finally:
+            await nc.close()
+        return started
+
+    asyncio.run(admin(create=True))
+    source = (
+        f'\n[[sources]]\nname = "bus"\nkind = "nats"\nurl = "{args.nats_url}"\n'
+        f'stream = "{name}"\n'
+    )
+    served = Served(workdir / "run-jetstream", extra_config=source)
+    try:
+        warm_up(served, warm, console)
+        base = served.scored()
+        sampler = Sampler(served)
+        sampler.start()
+        started = asyncio.run(publish())
+        published = time.monotonic()
+        done = served.wait_scored(base + stream.height, args.timeout)
+        sampler.halt.set()
+        sampler.join()
+        rss = served.status()
+        cpu = sampler.cpu_between(started, done or time.monotonic())
+        report.add(
+            "jetstream",
+            "published (events/s; one client, acknowledged)",
+            f"{stream.height / (published - started):,.0f}",
+        )
+        report.add(
+            "jetstream",
+            "first publish -> all scored (events/s)",
+            f"{stream.height / (done - started):,.0f}" if done else "timed out",
+        )
+        report.add(
+            "jetstream", "last publish -> all scored (s)", f"{done - published:.2f}" if done else ""
+        )
+        report.add("jetstream", "service CPU (cores)", f"{cpu or 0:.2f}")
+        report.add("jetstream", "service peak RSS (MiB)", f"{rss['VmHWM']:,.0f}")
+    finally:
+        served.stop()
+        asyncio.run(admin(create=False))
+
+
 # ---------------------------------------------------------------------------- profile
 def profile_mode(args: argparse.Namespace, workdir: Path, console: Console) -> None:
     """The service in this process, fed prepared spool files as fast as it takes them, with the
@@ -817,7 +902,9 @@ def render(report: Report, console: Console, title: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=BENCH_DIR / "out")
-    p.add_argument("--phases", default="spool,http,memory", help="comma-separated")
+    p.add_argument(
+        "--phases", default="spool,http,memory", help="comma-separated; also: jetstream"
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="offered-load duration (60)")
     p.add_argument(
         "--spool-rate", type=float, default=SPOOL_OFFER, help="offered events/s (55,000)"
@@ -830,6 +917,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--body-events", type=int, default=2_000, help="events per HTTP body")
     p.add_argument("--clients", type=int, default=3, help="concurrent HTTP clients")
+    p.add_argument("--jetstream-events", type=int, default=1_000_000)
+    p.add_argument("--message-events", type=int, default=100, help="events per NATS message")
+    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     p.add_argument("--principals", type=int, default=100_000)
     p.add_argument("--events-per-principal", type=int, default=10)
     p.add_argument("--memory-cases", default="learnt,new", help="learnt, new (see README)")
@@ -855,7 +945,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_mode(args, workdir, console)
         return 0
     report = Report()
-    phases = {"spool": spool_phase, "http": http_phase, "memory": memory_phase}
+    phases = {
+        "spool": spool_phase,
+        "http": http_phase,
+        "memory": memory_phase,
+        "jetstream": jetstream_phase,
+    }
     for name in args.phases.split(","):
         phases[name.strip()](args, workdir, report, console)
     load = os.getloadavg()

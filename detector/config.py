@@ -115,7 +115,9 @@ class JetStreamSource(_Strict):
         default_factory=dict, description="Adapter options, e.g. log_line_prefix."
     )
     credentials_file: Path | None = Field(None, description="NATS credentials (.creds) file.")
-    fetch_messages: int = Field(1000, ge=1, le=100_000, description="Messages per fetch.")
+    fetch_messages: int = Field(
+        1000, ge=1, le=100_000, description="Messages per fetch at most (fewer past 8 MiB)."
+    )
 
 
 SourceSettings = Annotated[DirectorySource | JetStreamSource, Field(discriminator="kind")]

@@ -51,7 +51,7 @@ from nats.js.errors import NotFoundError
 from detector import schema
 from detector.quarantine import NullQuarantine, Quarantine
 from detector.sources import feeders
-from detector.sources.directory import Read
+from detector.sources.directory import MAX_CHUNK, Read
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +115,9 @@ class JetStreamSource:
         self.start = start
         self.make_feeder = make_feeder or (lambda where, line: feeders.CanonicalLines(where))
         self.fetch_messages = fetch_messages
+        #: messages asked for per fetch: fetch_messages, fewer when messages are large, so a
+        #: read holds about MAX_CHUNK bytes like a stretch of a tailed file
+        self._batch = fetch_messages
         self.fetch_wait_s = fetch_wait_s
         self.credentials_file = credentials_file
         self.quarantine = quarantine or NullQuarantine()
@@ -287,7 +290,7 @@ class JetStreamSource:
             self._sub_next, self._cseq, self._checked_at = after + 1, 0, now
         self._fetched_at = now
         try:
-            msgs = list(await self._sub.fetch(self.fetch_messages, timeout=self.fetch_wait_s))
+            msgs = list(await self._sub.fetch(self._batch, timeout=self.fetch_wait_s))
         except (NatsTimeout, TimeoutError):  # nothing new within the wait
             msgs = []
         if not msgs:
@@ -314,6 +317,8 @@ class JetStreamSource:
             whole.append(m)
         if whole:
             self._sub_next = int(whole[-1].metadata.sequence.stream) + 1
+            size = sum(len(m.data) for m in msgs) / len(msgs)
+            self._batch = max(1, min(self.fetch_messages, int(MAX_CHUNK / max(size, 1.0))))
         return whole
 
     def scan(self) -> Iterator[Read]:
@@ -332,6 +337,7 @@ class JetStreamSource:
                             fresh = None
                     else:
                         fresh = None
+                    want = self._batch
                     msgs = [] if fresh is not None else self._call(self._fetch(self._seq))
                 except _ERRORS as exc:
                     self._status(False, f"{type(exc).__name__}: {exc}")
@@ -347,7 +353,7 @@ class JetStreamSource:
                 else:
                     read = self._read(msgs)
             yield read
-            if fresh is None and len(msgs) < self.fetch_messages:
+            if fresh is None and len(msgs) < want:
                 return
 
     def _read(self, msgs: list[Any]) -> Read:
