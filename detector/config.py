@@ -71,36 +71,36 @@ class StoreSettings(_Strict):
     )
 
 
-class DirectorySource(_Strict):
-    """Files dropped into (or written in) a directory: Parquet and compressed JSON lines are
-    read once; plain JSON lines and audit logs are tailed, following rotation."""
-
+class _SourceBase(_Strict):
     name: str = Field(
         pattern=r"^[a-z][a-z0-9_-]{0,31}$",
         description="Source name, used in metrics labels (http and stdin are reserved).",
     )
-    kind: Literal["directory"] = Field("directory", description="The source type.")
-    path: Path = Field(description="Directory to watch (created when missing).")
     format: str = Field(
         "canonical",
-        description="canonical (Parquet / JSON lines by suffix) or an audit-log adapter name.",
+        description="canonical (Parquet or JSON lines; a stream: JSON lines) or an audit-log "
+        "adapter name.",
     )
-    pattern: str = Field("*", description="Glob for the files to read, relative to path.")
     default_tz: str | None = Field(None, description="Zone for naive timestamps (else rejected).")
     options: dict[str, str] = Field(
         default_factory=dict, description="Adapter options, e.g. log_line_prefix."
     )
 
 
-class JetStreamSource(_Strict):
+class DirectorySource(_SourceBase):
+    """Files dropped into (or written in) a directory: Parquet and compressed JSON lines are
+    read once; plain JSON lines and audit logs are tailed, following rotation."""
+
+    kind: Literal["directory"] = Field("directory", description="The source type.")
+    path: Path = Field(description="Directory to watch (created when missing).")
+    pattern: str = Field("*", description="Glob for the files to read, relative to path.")
+
+
+class JetStreamSource(_SourceBase):
     """A NATS JetStream stream, read in sequence order; each message holds whole records
     (canonical JSON lines or lines of an audit-log format). The stream is not changed: no
     acknowledgements, no durable consumer; the position commits with the batches."""
 
-    name: str = Field(
-        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
-        description="Source name, used in metrics labels (http and stdin are reserved).",
-    )
     kind: Literal["nats"] = Field("nats", description="The source type.")
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated.")
     stream: str = Field(pattern=r"^[^.*>\s]+$", description="JetStream stream to read.")
@@ -108,11 +108,6 @@ class JetStreamSource(_Strict):
     start: Literal["all", "new"] = Field(
         "all",
         description="With no saved position: from the stream's first message, or only new ones.",
-    )
-    format: str = Field("canonical", description="canonical or an audit-log adapter name.")
-    default_tz: str | None = Field(None, description="Zone for naive timestamps (else rejected).")
-    options: dict[str, str] = Field(
-        default_factory=dict, description="Adapter options, e.g. log_line_prefix."
     )
     credentials_file: Path | None = Field(None, description="NATS credentials (.creds) file.")
     fetch_messages: int = Field(
