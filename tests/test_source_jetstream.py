@@ -169,14 +169,15 @@ def test_messages_become_events_in_order_with_rejects_kept_and_positions_resumab
         assert "not json" in (tmp_path / "rejected.jsonl").read_text()
         for read in reads:  # the restart replay reads the same events again
             assert source.reread(read.log_entry()).equals(read.events)
-        assert source.positions() == {stream.name: {"seq": seqs[-1]}}
+        (position,) = source.positions().values()
+        assert position["seq"] == seqs[-1] and position["created"]
         assert list(source.scan()) == []
     finally:
         source.close()
 
     more = sample_lines(live_sample, 50, offset=400)
     stream.publish(messages(more, [5]))
-    resumed = connected("bus", stream, positions={stream.name: {"seq": seqs[-1]}})
+    resumed = connected("bus", stream, positions=source.positions())
     try:
         assert events_of(resumed).equals(expected(more, tmp_path))
     finally:
@@ -194,7 +195,7 @@ def test_subject_filter_and_starting_at_new_messages(
         # what was there before it first connected is skipped; the position is handed over at
         # once, in an empty read, so that a restart before the next message keeps it
         (handed,) = list(only_new.scan())
-        assert handed.events.height == 0 and handed.end == {"seq": 20}
+        assert handed.events.height == 0 and handed.end["seq"] == 20
         stream.publish(messages(lines[20:40], [2]), subject="db2")
         stream.publish(messages(lines[40:], [4]), subject="db1")
         assert events_of(only_new).equals(expected(lines[20:], tmp_path))
@@ -452,3 +453,46 @@ def test_a_server_restart_mid_stream_loses_and_repeats_nothing(
         assert status[0] is True and False in status and status[-1] is True
     finally:
         source.close()
+
+
+def test_start_new_on_an_empty_stream_keeps_its_place_across_a_restart(
+    stream: Stream, live_sample: Path, tmp_path: Path
+) -> None:
+    """start = "new" on an empty stream hands over position 0 at once; committed, it makes a
+    restart read what was published while the service was down."""
+    lines = sample_lines(live_sample, 20)
+    source = connected("bus", stream, start="new")
+    try:
+        (handed,) = list(source.scan())
+        assert handed.events.height == 0 and handed.end["seq"] == 0
+    finally:
+        source.close()
+    stream.publish(messages(lines, [4]))  # while "down"
+    resumed = connected("bus", stream, start="new", positions={stream.name: handed.end})
+    try:
+        assert events_of(resumed).equals(expected(lines, tmp_path))
+    finally:
+        resumed.close()
+
+
+def test_a_stream_made_again_is_read_from_its_start_and_old_reads_are_not_replayed(
+    stream: Stream, live_sample: Path, tmp_path: Path
+) -> None:
+    lines = sample_lines(live_sample, 40)
+    stream.publish(messages(lines[:20], [2]))
+    source = connected("bus", stream)
+    try:
+        reads = list(source.scan())
+        saved = source.positions()
+    finally:
+        source.close()
+    stream.delete()
+    stream._run(stream._create())  # the same name, made again: sequences start at 1 again
+    stream.publish(messages(lines[20:], [2]))
+    again = connected("bus", stream, positions=saved)
+    try:
+        with pytest.raises(SourceUnavailable, match="made again"):
+            again.reread(reads[0].log_entry())
+        assert events_of(again).equals(expected(lines[20:], tmp_path))
+    finally:
+        again.close()

@@ -65,6 +65,8 @@ _STALE_S: Final = _INACTIVE_S / 2
 _CHECK_S: Final = 10.0
 #: How long one call into the client may take.
 _CALL_S: Final = 30.0
+#: How long one request to the server may take (a silent network must not hold the reader).
+_REQUEST_S: Final = 2.0
 #: Between two connection attempts when the server cannot be reached.
 _RETRY_S: Final = 2.0
 _ERRORS: Final = (NatsError, JetStreamError, OSError, TimeoutError)
@@ -123,8 +125,13 @@ class JetStreamSource:
         self.quarantine = quarantine or NullQuarantine()
         self.on_reject = on_reject
         self.on_status = on_status
-        saved = (positions or {}).get(stream)
-        self._seq: int | None = int(saved["seq"]) if saved and "seq" in saved else None
+        saved = (positions or {}).get(stream) or {}
+        self._seq: int | None = int(saved["seq"]) if "seq" in saved else None
+        #: when the stream was created: sequence numbers of a stream deleted and made again
+        #: name other messages, so positions and logged reads carry it
+        self._created: str | None = saved.get("created")
+        self._closed = False
+        self._orphans: list[str] = []  # consumers of dropped connections, deleted later
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -135,6 +142,7 @@ class JetStreamSource:
         self._lost = False
         self._js: JetStreamContext | None = None
         self._connecting: concurrent.futures.Future[None] | None = None
+        self._connect_lock: asyncio.Lock | None = None  # made on the loop
         self._retry_at = 0.0
         self._up: bool | None = None
         # the live consumer: its name, subscription, the stream sequence it delivers next, the
@@ -148,6 +156,9 @@ class JetStreamSource:
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = _CALL_S) -> T:
+        if self._closed:
+            coro.close()
+            raise SourceUnavailable(f"source {self.name} is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
@@ -163,8 +174,13 @@ class JetStreamSource:
         reconnection could carry on a consumer whose deliveries were lost in between): the
         next scan closes it, connects again and starts a new consumer after the last sequence
         read."""
-        if self._connected():
-            return
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:  # one connection at a time, whoever asks
+            if not self._connected():
+                await self._open()
+
+    async def _open(self) -> None:
         await self._drop()
 
         async def lost() -> None:
@@ -187,6 +203,33 @@ class JetStreamSource:
             options["user_credentials"] = str(self.credentials_file)
         nc = await asyncio.wait_for(nats.connect(self.servers, **options), _CALL_S / 2)
         self._nc, self._js, self._lost = nc, nc.jetstream(), False
+        info = await self._stream_info()
+        created = getattr(info, "created", None)
+        self._check_created(str(created) if created else None)
+        orphans, self._orphans = self._orphans, []
+        for name in orphans:
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(self.stream, name)
+
+    async def _stream_info(self) -> Any:
+        assert self._js is not None
+        return await asyncio.wait_for(self._js.stream_info(self.stream), _REQUEST_S)
+
+    def _check_created(self, created: str | None) -> None:
+        """A stream made again since the position was saved starts over at its beginning."""
+        if created is None:
+            return
+        if self._created is not None and self._created != created and self._seq is not None:
+            log.error(
+                "source_stream_recreated",
+                source=self.name,
+                stream=self.stream,
+                was=self._created,
+                now=created,
+                position=self._seq,
+            )
+            self._seq = None  # read the new stream as a first start would
+        self._created = created
 
     async def _drop(self) -> None:
         nc = self._nc
@@ -194,7 +237,7 @@ class JetStreamSource:
         self._nc, self._js = None, None
         if nc is not None:
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), _REQUEST_S)
 
     async def _new_consumer(self, first: int) -> tuple[str, Any]:
         """A pull consumer of our own delivering from sequence ``first``, no acks."""
@@ -218,9 +261,15 @@ class JetStreamSource:
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if name is not None and self._js is not None and self._connected():
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(self.stream, name)
+        if name is None:
+            return
+        if self._js is not None and self._connected():
+            try:
+                await asyncio.wait_for(self._js.delete_consumer(self.stream, name), _REQUEST_S)
+                return
+            except Exception as exc:
+                log.debug("consumer_not_deleted", source=self.name, consumer=name, error=str(exc))
+        self._orphans.append(name)  # over the next connection
 
     async def _drop_consumer(self) -> None:
         name, sub = self._cname, self._sub
@@ -276,7 +325,7 @@ class JetStreamSource:
     async def _first_position(self) -> int:
         assert self._js is not None
         if self.start == "new":
-            info = await self._js.stream_info(self.stream)
+            info = await self._stream_info()
             return int(info.state.last_seq)
         return 0
 
@@ -298,7 +347,9 @@ class JetStreamSource:
                 self._checked_at = now
                 assert self._js is not None
                 try:
-                    await self._js.consumer_info(self.stream, self._cname or "")
+                    await self._js.consumer_info(
+                        self.stream, self._cname or "", timeout=_REQUEST_S
+                    )
                 except NotFoundError:  # expired or removed on the server: start again
                     await self._drop_consumer()
             return []
@@ -323,27 +374,25 @@ class JetStreamSource:
 
     def scan(self) -> Iterator[Read]:
         """The messages published since the last scan, one Read per fetch."""
-        if not self._ready():
+        if self._closed or not self._ready():
             return
         while True:
             with self._lock:
                 try:
+                    fresh = None
                     if self._seq is None:  # first start, nothing saved
                         self._seq = self._call(self._first_position())
-                        if self._seq:
-                            at = {"seq": self._seq}
+                        if self.start == "new":  # commit where "new" begins, even at 0
+                            at = self._position()
                             fresh = Read(self.name, self.stream, schema.empty_events(), at, at)
-                        else:
-                            fresh = None
-                    else:
-                        fresh = None
                     want = self._batch
                     msgs = [] if fresh is not None else self._call(self._fetch(self._seq))
                 except _ERRORS as exc:
                     self._status(False, f"{type(exc).__name__}: {exc}")
                     self._retry_at = time.monotonic() + _RETRY_S
+                    self._lost = True  # no more requests over this connection
                     with contextlib.suppress(Exception):
-                        self._call(self._drop(), timeout=5)
+                        self._call(self._drop(), timeout=_REQUEST_S * 2)
                     return
                 self._status(True)
                 if fresh is not None:
@@ -364,9 +413,9 @@ class JetStreamSource:
             self.quarantine.write(rejects)
             if self.on_reject is not None:
                 self.on_reject(rejects)
-        start = {"seq": self._seq}
-        end = {"seq": last, "first": first, "messages": len(msgs)}
+        start = self._position()
         self._seq = last
+        end = {**self._position(), "first": first, "messages": len(msgs)}
         return Read(self.name, self.stream, events, start, end, rejects.height)
 
     def _parse(self, msgs: list[Any], first: int) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -375,8 +424,14 @@ class JetStreamSource:
         return parsed.events, parsed.rejects
 
     # ------------------------------------------------------------------ state
+    def _position(self) -> dict[str, Any]:
+        pos: dict[str, Any] = {"seq": self._seq}
+        if self._created is not None:
+            pos["created"] = self._created
+        return pos
+
     def positions(self) -> dict[str, dict[str, Any]]:
-        return {} if self._seq is None else {self.stream: {"seq": self._seq}}
+        return {} if self._seq is None else {self.stream: self._position()}
 
     def forget(self, keys: set[str]) -> None:
         """Nothing to forget: the stream's own limits decide what it keeps."""
@@ -384,22 +439,36 @@ class JetStreamSource:
     def reread(self, entry: dict[str, Any]) -> pl.DataFrame:
         """The events of a logged read: the same messages, parsed as they were. Raises
         :class:`SourceUnavailable` when they are no longer all in the stream."""
-        end = entry["end"]
-        if "first" not in end:  # an empty read: a position handed over, no messages
-            return schema.empty_events()
+        start, end = entry["start"], entry["end"]
+        if "first" not in end:
+            if start.get("seq") == end.get("seq"):  # a position handed over, no messages
+                return schema.empty_events()
+            raise SourceUnavailable(f"{self.stream}: a read logged without its message count")
         first, last, count = int(end["first"]), int(end["seq"]), int(end["messages"])
+        if not self._connected() and time.monotonic() < self._retry_at:
+            raise SourceUnavailable(f"{self.stream} {first}..{last}: the server is away")
         fetches = math.ceil(count / self.fetch_messages)
         with self._lock:
             try:
-                msgs = self._call(self._range(first, last, count), _CALL_S + 2.0 * fetches)
+                msgs = self._call(
+                    self._range(first, last, count, end.get("created")), _CALL_S + 2.0 * fetches
+                )
             except _ERRORS as exc:
+                if not self._connected():
+                    self._retry_at = time.monotonic() + _RETRY_S
                 raise SourceUnavailable(f"{self.stream} {first}..{last}: {exc}") from exc
         return self._parse(msgs, first)[0]
 
-    async def _range(self, first: int, last: int, count: int) -> list[Any]:
+    async def _range(
+        self, first: int, last: int, count: int, created: str | None
+    ) -> list[Any]:
         await self._connect()
         assert self._js is not None
-        info = await self._js.stream_info(self.stream)
+        info = await self._stream_info()
+        if created is not None and self._created is not None and created != self._created:
+            raise SourceUnavailable(
+                f"the stream was made again since (created {self._created}, logged {created})"
+            )
         if int(info.state.first_seq) > first:
             raise SourceUnavailable(
                 f"messages from {first} are gone (the stream starts at {info.state.first_seq})"
@@ -427,8 +496,10 @@ class JetStreamSource:
         return out
 
     def close(self) -> None:
+        if self._closed:
+            return
         with contextlib.suppress(Exception):
-            self._call(self._drop(), timeout=5)
+            self._call(self._drop(), timeout=_REQUEST_S * 2)
 
         async def cancel_all() -> None:
             current = asyncio.current_task()
@@ -439,6 +510,7 @@ class JetStreamSource:
         with contextlib.suppress(Exception):
             self._call(cancel_all(), timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._closed = True
         self._thread.join(5)
         if not self._thread.is_alive():
             self._loop.close()
