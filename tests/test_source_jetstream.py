@@ -125,6 +125,18 @@ def events_of(source: JetStreamSource) -> pl.DataFrame:
     return pl.concat([r.events for r in source.scan()]).select(COMPARED)
 
 
+def assert_resumes(
+    stream: Stream, positions: dict[str, Any], lines: list[bytes], tmp: Path, **kwargs: Any
+) -> None:
+    """``lines`` published now are exactly what a source resuming at ``positions`` reads."""
+    stream.publish(messages(lines, [4]))
+    resumed = connected("bus", stream, positions=positions, **kwargs)
+    try:
+        assert events_of(resumed).equals(expected(lines, tmp))
+    finally:
+        resumed.close()
+
+
 def messages(lines: list[bytes], sizes: list[int]) -> list[bytes]:
     """``lines`` cut into messages of the given sizes in turn (cycled)."""
     out, i, k = [], 0, 0
@@ -176,12 +188,7 @@ def test_messages_become_events_in_order_with_rejects_kept_and_positions_resumab
         source.close()
 
     more = sample_lines(live_sample, 50, offset=400)
-    stream.publish(messages(more, [5]))
-    resumed = connected("bus", stream, positions=source.positions())
-    try:
-        assert events_of(resumed).equals(expected(more, tmp_path))
-    finally:
-        resumed.close()
+    assert_resumes(stream, source.positions(), more, tmp_path)
 
 
 def test_subject_filter_and_starting_at_new_messages(
@@ -467,12 +474,8 @@ def test_start_new_on_an_empty_stream_keeps_its_place_across_a_restart(
         assert handed.events.height == 0 and handed.end["seq"] == 0
     finally:
         source.close()
-    stream.publish(messages(lines, [4]))  # while "down"
-    resumed = connected("bus", stream, start="new", positions={stream.name: handed.end})
-    try:
-        assert events_of(resumed).equals(expected(lines, tmp_path))
-    finally:
-        resumed.close()
+    # published while "down"
+    assert_resumes(stream, {stream.name: handed.end}, lines, tmp_path, start="new")
 
 
 def test_a_stream_made_again_is_read_from_its_start_and_old_reads_are_not_replayed(
