@@ -159,6 +159,19 @@ def chunks(frame: pl.DataFrame, size: int) -> list[pl.DataFrame]:
     return [frame.slice(i, size) for i in range(0, frame.height, size)]
 
 
+def attacked_pieces(
+    stream: pl.DataFrame, size: int, count: int, injections: int
+) -> tuple[list[pl.DataFrame], dict[int, int]]:
+    """``stream`` in ``count`` pieces of ``size`` events, attack events injected into evenly
+    spread pieces (after the first 5 %); also the slots: piece index -> injection number."""
+    slots = injection_slots(count, injections, skip=max(1, count // 20))
+    pieces = [
+        with_attack(piece, slots[i]) if i in slots else piece
+        for i, piece in enumerate(chunks(stream, size))
+    ]
+    return pieces, slots
+
+
 def injection_slots(pieces: int, injections: int, skip: int) -> dict[int, int]:
     """Piece index -> injection number, spread evenly over the pieces after the first ``skip``."""
     usable = max(1, pieces - skip)
@@ -376,11 +389,9 @@ def spool_phase(args: argparse.Namespace, workdir: Path, report: Report, console
             f"spool: preparing {files} Parquet files of {per_file:,} events "
             f"({rate:,.0f} events/s for {seconds:.0f} s, one file every {interval} s) ..."
         )
-        slots = injection_slots(files, args.injections, skip=max(1, files // 20))
+        pieces, slots = attacked_pieces(stream, per_file, files, args.injections)
         names = []
-        for i, piece in enumerate(chunks(stream, per_file)):
-            if i in slots:
-                piece = with_attack(piece, slots[i])
+        for i, piece in enumerate(pieces):
             name = f"{i + 1:06d}.parquet"
             piece.write_parquet(served.staging / name)
             names.append(name)
@@ -500,12 +511,8 @@ def http_phase(args: argparse.Namespace, workdir: Path, report: Report, console:
             f"http: preparing {bodies_n} NDJSON bodies of {per_body:,} events "
             f"({rate:,.0f} events/s for {seconds:.0f} s, {args.clients} clients) ..."
         )
-        slots = injection_slots(bodies_n, args.injections, skip=max(1, bodies_n // 20))
-        bodies: list[tuple[bytes, int]] = []
-        for i, piece in enumerate(chunks(stream, per_body)):
-            if i in slots:
-                piece = with_attack(piece, slots[i])
-            bodies.append((b"".join(jsonl_records(piece)), piece.height))
+        pieces, slots = attacked_pieces(stream, per_body, bodies_n, args.injections)
+        bodies = [(b"".join(jsonl_records(piece)), piece.height) for piece in pieces]
         warm_up(served, warm, console)
         base = served.scored()
         sampler = Sampler(served)

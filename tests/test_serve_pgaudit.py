@@ -15,7 +15,6 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 
@@ -23,7 +22,7 @@ from detector import pipeline
 from detector.samples import write_sample
 from detector.sinks.receiver import WebhookReceiver
 from tests.pgcluster import PgCluster, free_port, require_cluster
-from tests.test_deploy_support import wait_for
+from tests.test_deploy_support import get_json, wait_for
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 CLIENTS = 20_000
@@ -56,13 +55,6 @@ def _history_model(tmp: Path) -> Path:
         pipeline.TrainOptions(false_alerts_per_day=0.5, promote=True),
     )
     return models
-
-
-def _get(port: int, path: str) -> httpx.Response | None:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2)
-    except httpx.HTTPError:
-        return None
 
 
 @pytest.mark.slow
@@ -117,9 +109,14 @@ poll_s = 0.05
             log = (tmp_path / "serve.log").open("wb")
             proc = subprocess.Popen([exe, "serve", "--config", str(cfg)], stderr=log,
                                     stdout=subprocess.DEVNULL)
-            wait_for(lambda: (r := _get(port, "/readyz")) is not None and r.status_code == 200,
-                  60, "the service to be ready")
-            seen0 = _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
+            url = f"http://127.0.0.1:{port}"
+            wait_for(lambda: get_json(f"{url}/readyz"), 60, "the service to be ready")
+
+            def events_seen() -> int:
+                seen: int = get_json(f"{url}/v1/model")["feature_state"]["events_seen"]
+                return seen
+
+            seen0 = events_seen()
             # normal traffic: the application reads one client at a time
             app = {"password": "app-secret", "application_name": "saas-web"}
             for round_ in range(4):
@@ -130,16 +127,14 @@ poll_s = 0.05
                         conn.execute("SELECT id, balance FROM accounts WHERE client_id = %s",
                                      (client,)).fetchall()
             # 4 logins + 200 reads
-            wait_for(lambda: _get(port, "/v1/model").json()["feature_state"]["events_seen"]  # type: ignore[union-attr]
-                  >= seen0 + 204, 60, "the normal traffic to be scored")
-            assert _get(port, "/v1/incidents").json()["items"] == []  # type: ignore[union-attr]
+            wait_for(lambda: events_seen() >= seen0 + 204, 60, "the normal traffic to be scored")
+            assert get_json(f"{url}/v1/incidents")["items"] == []
             # the attack: the application's credentials in a desktop SQL client, whole table
             with cluster.connect("app_api", password="app-secret",
                                  application_name="DBeaver 23.2.0") as conn:
                 rows = conn.execute("SELECT * FROM clients").fetchall()
             assert len(rows) == CLIENTS
-            items = wait_for(lambda: _get(port, "/v1/incidents").json()["items"],  # type: ignore[union-attr]
-                          60, "an incident")
+            items = wait_for(lambda: get_json(f"{url}/v1/incidents")["items"], 60, "an incident")
             assert len(items) == 1
             incident = items[0]
             assert incident["principal"] == "app_api"

@@ -14,13 +14,13 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from detector import pipeline
 from detector.sinks.receiver import WebhookReceiver
 from tests.pgcluster import free_port
 from tests.service_support import models_copy
+from tests.test_deploy_support import get_json, wait_for
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 KILLS = 4
@@ -66,13 +66,6 @@ def _start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
                                 stderr=err)
 
 
-def _get(port: int, path: str) -> httpx.Response | None:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2)
-    except httpx.HTTPError:
-        return None
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
     tmp_path: Path, live_sample: Path
@@ -113,21 +106,21 @@ def test_sigkill_at_random_points_loses_nothing_and_repeats_nothing(
         assert done_feeding.wait(120)
         proc = _start(cfg, log)
         try:
-            deadline = time.monotonic() + 180
             expected_seen = json.loads((models / "default" / "v1" / "state.json").read_text())[
                 "events_seen"
             ] + len(lines)
-            seen = None
-            while time.monotonic() < deadline:
-                r = _get(port, "/v1/model")
-                if r is not None and r.status_code == 200:
-                    seen = r.json()["feature_state"]["events_seen"]
-                    if seen >= expected_seen:
-                        break
-                time.sleep(0.25)
+
+            def events_seen() -> int:
+                seen: int = get_json(f"http://127.0.0.1:{port}/v1/model")["feature_state"][
+                    "events_seen"
+                ]
+                return seen
+
+            wait_for(lambda: events_seen() >= expected_seen, 180, "every event to be scored")
+            seen = events_seen()
             # every event went through the features exactly once: not fewer, and not more
             assert seen == expected_seen, (seen, expected_seen, log.read_text()[-2000:])
-            incidents = httpx.get(f"http://127.0.0.1:{port}/v1/incidents?limit=500").json()["items"]
+            incidents = get_json(f"http://127.0.0.1:{port}/v1/incidents", limit=500)["items"]
             ids = {i["id"] for i in incidents}
             all_events = tmp_path / "all.jsonl"
             all_events.write_bytes(b"".join(lines))

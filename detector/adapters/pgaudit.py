@@ -19,6 +19,7 @@ into records and hand this module one polars frame of them (:data:`RECORD_COLUMN
 
 from __future__ import annotations
 
+import abc
 import csv
 import io
 from collections import Counter
@@ -507,7 +508,7 @@ def empty_records() -> pl.DataFrame:
     )
 
 
-class RecordParser:
+class RecordParser(abc.ABC):
     """The feed loop shared by the line-record destinations (jsonlog, csvlog): a subclass's
     ``_records`` turns the complete records of a chunk into a record frame (RECORD_COLUMNS)
     and says where they end; :func:`process` does the rest."""
@@ -546,10 +547,11 @@ class RecordParser:
         self._lines.advance(data, result.cut)
         return result.parsed()
 
+    @abc.abstractmethod
     def _records(
         self, data: bytes, stop: int, final: bool, rejects: RejectList
     ) -> tuple[pl.DataFrame, int]:
-        raise NotImplementedError
+        """The record frame of the complete records in ``data[:stop]`` and where they end."""
 
 
 __all__ = [

@@ -151,13 +151,10 @@ def _model_matrix(out: np.ndarray) -> np.ndarray:
 
 
 def _grown(array: np.ndarray, extra: int) -> np.ndarray:
-    """``array`` with ``extra`` zeroed rows added. In place where the array owns its memory
-    (the allocator can then extend it without holding two copies), else by copying."""
-    rows = (array.shape[0] + extra, *array.shape[1:])
-    try:
-        array.resize(rows, refcheck=False)
-    except ValueError:
-        return np.vstack([array, np.zeros((extra, *array.shape[1:]), dtype=array.dtype)])
+    """``array`` with ``extra`` zeroed rows added, in place: the allocator can extend it
+    without holding two copies. The state arrays always own their memory (made by np.zeros,
+    np.array or here), which resize needs."""
+    array.resize((array.shape[0] + extra, *array.shape[1:]), refcheck=False)
     return array
 
 

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 import structlog
 
 from detector.sinks.metrics import Metrics
-from detector.sinks.outbox import Clock, as_utc, utc_now
+from detector.sinks.outbox import Clock, as_utc, cut, utc_now
 from detector.sinks.slack import incident_link
 from detector.sinks.tables import incidents
 from detector.sinks.webhook import DEFAULT_TIMEOUT, HttpEndpoint, post
@@ -50,8 +50,7 @@ def rfc3339(value: datetime) -> str:
 
 
 def _joined(values: Sequence[Any] | None, limit: int = 1000) -> str:
-    text = ", ".join(str(v) for v in (values or []))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return cut(", ".join(str(v) for v in (values or [])), limit)
 
 
 class AlertmanagerSync(HttpEndpoint):

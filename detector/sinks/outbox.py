@@ -94,10 +94,14 @@ class Result:
         return cls(False, NETWORK_ERROR, None, short_error(f"{type(exc).__name__}: {exc}"))
 
 
+def cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when anything went."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def short_error(text: str) -> str:
     """``text`` on one line, cut to :data:`MAX_ERROR_CHARS` (for ``last_error`` and logs)."""
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+    return cut(" ".join(text.split()), MAX_ERROR_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,7 @@ class OutboxWorker:
         self._abandoned = False
         self._inflight: tuple[str, datetime] | None = None
         self._hold_until: datetime | None = None
+        self._next_due: datetime | None = None  # from the last pass's gauge query
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -221,7 +226,7 @@ class OutboxWorker:
             self._wake.clear()
             try:
                 self._pass(honour_hold=True)
-                wait = self._seconds_to_next()
+                wait = self._seconds_to_next(self._next_due)
             except Exception as exc:  # the store is unreachable: keep trying, never die
                 log.error("outbox_pass_failed", sink=self.sink, error=short_error(str(exc)))
                 wait = self.poll_interval
@@ -237,11 +242,12 @@ class OutboxWorker:
         start = self.clock()
         delivered = 0
         if self._abandoned:
+            self._next_due = self._pending()[2]
             return 0
         if not (honour_hold and self._hold_until is not None and start < self._hold_until):
             self._hold_until = None
             delivered = self._deliver_due(start)
-        self._refresh_gauges()
+        self._next_due = self._refresh_gauges()
         return delivered
 
     def _deliver_due(self, start: datetime) -> int:
@@ -350,14 +356,15 @@ class OutboxWorker:
             None if next_due is None else as_utc(next_due),
         )
 
-    def _refresh_gauges(self) -> None:
-        count, oldest, _ = self._pending()
+    def _refresh_gauges(self) -> datetime | None:
+        """Set the depth and age gauges from one query; returns when the next row is due."""
+        count, oldest, next_due = self._pending()
         age = 0.0 if oldest is None else max((self.clock() - oldest).total_seconds(), 0.0)
         self.metrics.outbox_depth.labels(sink=self.sink).set(count)
         self.metrics.outbox_oldest.labels(sink=self.sink).set(age)
+        return next_due
 
-    def _seconds_to_next(self) -> float:
-        _, _, next_due = self._pending()
+    def _seconds_to_next(self, next_due: datetime | None) -> float:
         now = self.clock()
         if next_due is None:
             return self.poll_interval

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import httpx
 
-from detector.sinks.outbox import Alert, Clock, Result, utc_now
+from detector.sinks.outbox import Alert, Clock, Result, cut, utc_now
 from detector.sinks.webhook import DEFAULT_TIMEOUT, HttpEndpoint, body_bytes, post
 
 TITLES: Final = {
@@ -34,10 +34,6 @@ _TEXT_MAX: Final = 2900  # below Slack's 3,000 per section
 def escape(text: str) -> str:
     """Escape the three characters Slack's mrkdwn treats as markup."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _listing(values: Sequence[Any] | None, limit: int = 5) -> str:
@@ -68,7 +64,7 @@ def slack_message(alert_id: str, kind: str, doc: Mapping[str, Any],
     link = incident_link(external_url, incident_id)
     mark = SEVERITY_MARK.get(severity, ":white_circle:")
 
-    text = _cut(escape(
+    text = cut(escape(
         f"[{severity.upper()}] {title}: {principal} read {rows:,} rows from {tables}. {reason}"
     ), _TEXT_MAX - 300)
     if link:
@@ -85,11 +81,11 @@ def slack_message(alert_id: str, kind: str, doc: Mapping[str, Any],
     }
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "emoji": True,
-                                     "text": _cut(f"{mark} {title}: {principal}", _HEADER_MAX)}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": _cut(f"*{escape(reason)}*",
+                                     "text": cut(f"{mark} {title}: {principal}", _HEADER_MAX)}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": cut(f"*{escape(reason)}*",
                                                                      _TEXT_MAX)}},
         {"type": "section", "fields": [
-            {"type": "mrkdwn", "text": _cut(f"*{name}*\n{escape(value)}", _FIELD_MAX)}
+            {"type": "mrkdwn", "text": cut(f"*{name}*\n{escape(value)}", _FIELD_MAX)}
             for name, value in fields.items()
         ]},
     ]
@@ -98,7 +94,7 @@ def slack_message(alert_id: str, kind: str, doc: Mapping[str, Any],
         lines = [f"• {f.get('feature')}: {f.get('actual')} (typical {f.get('typical')})"
                  for f in features]
         blocks.append({"type": "section", "text": {
-            "type": "mrkdwn", "text": _cut("*Why*\n" + escape("\n".join(lines)), _TEXT_MAX)}})
+            "type": "mrkdwn", "text": cut("*Why*\n" + escape("\n".join(lines)), _TEXT_MAX)}})
     if link:
         blocks.append({"type": "actions", "elements": [
             {"type": "button", "text": {"type": "plain_text", "text": "Open incident"},

@@ -22,7 +22,6 @@ from detector.schema import SEVERITY_RANK
 from detector.sinks import tables as t
 
 Clock = Callable[[], datetime]
-STATUSES = ("open", "acknowledged", "false_positive", "resolved")
 
 
 def _now() -> datetime:
@@ -62,26 +61,25 @@ class Snapshot:
     events_seen: int
 
 
-def _insert_ignore(engine: sa.Engine, table: sa.Table) -> Any:
-    """INSERT ... ON CONFLICT DO NOTHING for the engine's dialect."""
+def _insert(engine: sa.Engine, table: sa.Table) -> Any:
+    """An INSERT for the engine's dialect, which can take ON CONFLICT clauses."""
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(table).on_conflict_do_nothing()
+        return pg_insert(table)
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    return sqlite_insert(table).on_conflict_do_nothing()
+    return sqlite_insert(table)
+
+
+def _insert_ignore(engine: sa.Engine, table: sa.Table) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING."""
+    return _insert(engine, table).on_conflict_do_nothing()
 
 
 def _upsert(engine: sa.Engine, table: sa.Table, keys: list[str], values: list[str]) -> Any:
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt = pg_insert(table)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt = sqlite_insert(table)  # type: ignore[assignment]
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET the values."""
+    stmt = _insert(engine, table)
     return stmt.on_conflict_do_update(
         index_elements=keys, set_={v: stmt.excluded[v] for v in values}
     )
@@ -100,19 +98,24 @@ class Tx:
         """The most recent not-resolved incident per group key (its document, with status)."""
         if not keys:
             return {}
+        c = t.incidents.c
+        newest = (
+            sa.select(
+                c.doc,
+                c.status,
+                c.group_key,
+                sa.func.row_number()
+                .over(partition_by=c.group_key, order_by=(c.last_seen.desc(), c.id.desc()))
+                .label("rank"),
+            )
+            .where(c.group_key.in_(list(keys)))
+            .where(c.status != "resolved")
+            .subquery()
+        )
         rows = self._conn.execute(
-            sa.select(t.incidents.c.doc, t.incidents.c.status, t.incidents.c.group_key)
-            .where(t.incidents.c.group_key.in_(list(keys)))
-            .where(t.incidents.c.status != "resolved")
-            .order_by(t.incidents.c.last_seen)
+            sa.select(newest.c.doc, newest.c.status, newest.c.group_key).where(newest.c.rank == 1)
         ).all()
-        out: dict[str, dict[str, Any]] = {}
-        for doc, status, key in rows:
-            out[key] = {**doc, "status": status}
-        return out
-
-    def save_incident(self, doc: dict[str, Any], *, new: bool) -> None:
-        self.save_incidents([doc], new=new)
+        return {key: {**doc, "status": status} for doc, status, key in rows}
 
     def save_incidents(self, docs: Sequence[dict[str, Any]], *, new: bool) -> None:
         """Insert (``new``) or update incidents: one statement for all of them."""
