@@ -101,6 +101,16 @@ def newline_positions(data: bytes) -> np.ndarray:
     return np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
 
 
+def line_bounds(newlines: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive, without the newline) of every line of ``[start, stop)``,
+    given the positions of its newlines."""
+    starts = np.concatenate(([start], newlines + 1))
+    ends = np.concatenate((newlines, [stop]))
+    if len(newlines) and newlines[-1] == stop - 1:
+        starts, ends = starts[:-1], ends[:-1]  # nothing follows the last newline
+    return starts, ends
+
+
 def raw_record(raw: bytes | str) -> str:
     """A raw line as the JSON text of a reject's ``record``: decoded, cut and redacted."""
     import orjson

@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pj
 
-from detector.adapters.base import RejectList, newline_positions
+from detector.adapters.base import RejectList, line_bounds, newline_positions
 from detector.adapters.pgaudit import RecordParser, empty_records
 
 _FIELDS: Final = {
@@ -46,11 +46,7 @@ class PgJsonlogParser(RecordParser):
         """Every line up to ``end`` is one complete record."""
         if end == 0:
             return empty_records(), 0
-        nl = newline_positions(data[:end])
-        starts = np.concatenate(([0], nl + 1))
-        ends = np.concatenate((nl, [end]))
-        if len(nl) and nl[-1] == end - 1:
-            starts, ends = starts[:-1], ends[:-1]
+        starts, ends = line_bounds(newline_positions(data[:end]), 0, end)
         numbers = np.arange(len(starts), dtype=np.int64) + self._lines.line
         frames: list[pl.DataFrame] = []
         for i in range(0, len(starts), _SPAN_LINES):

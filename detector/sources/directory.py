@@ -121,8 +121,7 @@ class DirectorySource:
         )
         self.read_events = read_events
         self.settle_s = settle_s
-        self.quarantine = quarantine or NullQuarantine()
-        self.on_reject = on_reject
+        self.rejects = RoutedQuarantine(quarantine, on_reject)
         self.clock = clock
         self._files: dict[str, _File] = {}
         self._saved = dict(positions or {})
@@ -196,7 +195,7 @@ class DirectorySource:
         frames = read_events(
             [f.path],
             batch_rows=self.read_events,
-            quarantine=self._q(),
+            quarantine=self.rejects,
             default_tz=self.default_tz,
             on_error="raise",
         )
@@ -211,20 +210,7 @@ class DirectorySource:
             if self.clock() - f.still_since < self.settle_s:
                 return  # probably still being written: try again on a later scan
             log.warning("file_unreadable", source=self.name, path=str(f.path), error=str(exc))
-            self.quarantine.write_raw(str(f.path), "unreadable_file", str(exc), b"")
-            if self.on_reject is not None:
-                self.on_reject(
-                    feeders.rejects_frame(
-                        [
-                            {
-                                "location": str(f.path),
-                                "reason": "unreadable_file",
-                                "detail": str(exc),
-                                "record": None,
-                            }
-                        ]
-                    )
-                )
+            self.rejects.write_raw(str(f.path), "unreadable_file", str(exc), b"")
         yield self._read(
             f, schema.empty_events(), {**f.pos, "frames": max(k, start_frames), "done": True}
         )
@@ -303,9 +289,6 @@ class DirectorySource:
             return fh.read(size)
 
     # ------------------------------------------------------------------ common
-    def _q(self) -> Quarantine:
-        return _Routed(self.quarantine, self.on_reject)
-
     def _read(
         self,
         f: _File,
@@ -314,10 +297,8 @@ class DirectorySource:
         rejects: pl.DataFrame | None = None,
     ) -> Read:
         rejected = 0
-        if rejects is not None and rejects.height:
-            self.quarantine.write(rejects)
-            if self.on_reject is not None:
-                self.on_reject(rejects)
+        if rejects is not None:
+            self.rejects.write(rejects)
             rejected = rejects.height
         start, f.pos = f.pos, end
         return Read(self.name, f.key, events, start, end, rejected)
@@ -382,17 +363,22 @@ class DirectorySource:
         """Nothing is held open between scans."""
 
 
-class _Routed(Quarantine):
-    """Quarantine to ``inner`` and report each batch of rejects to ``on_reject``."""
+class RoutedQuarantine(Quarantine):
+    """Quarantine to ``inner`` and report each batch of rejects to ``on_reject`` (the metrics):
+    what every source does with the records it cannot take."""
 
-    def __init__(self, inner: Quarantine, on_reject: Callable[[pl.DataFrame], None] | None):
+    def __init__(
+        self, inner: Quarantine | None, on_reject: Callable[[pl.DataFrame], None] | None
+    ) -> None:
         super().__init__(None)
-        self._inner = inner
+        self._inner = inner or NullQuarantine()
         self._on_reject = on_reject
 
     def write(self, rejects: pl.DataFrame) -> None:
+        if rejects.height == 0:
+            return
         self._inner.write(rejects)
-        if self._on_reject is not None and rejects.height:
+        if self._on_reject is not None:
             self._on_reject(rejects)
 
     def write_raw(self, location: str, reason: str, detail: str, text: str | bytes) -> None:

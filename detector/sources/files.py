@@ -58,6 +58,7 @@ import zstandard
 
 from detector import schema
 from detector.adapters import ADAPTERS, detect_format, make_adapter
+from detector.adapters.base import line_bounds
 from detector.errors import InputError, Location, UnknownNameError
 from detector.quarantine import NullQuarantine, Quarantine, redact_text
 from detector.redact import redact_sql
@@ -180,19 +181,10 @@ def read_events(
 
 
 def _supported(path: Path) -> bool:
-    name = path.name.lower()
-    if not name.endswith(SUPPORTED_SUFFIXES):
+    if not path.name.lower().endswith(SUPPORTED_SUFFIXES):
         return False
-    fmt, compression = _suffix_of(name)
+    fmt, compression = _split_suffix(path)
     return fmt not in LOG_SUFFIXES or _looks_like_audit_log(path, compression)
-
-
-def _suffix_of(name: str) -> tuple[str, str]:
-    for fmt in _FORMATS:
-        for compression in _COMPRESSIONS:
-            if name.endswith(fmt + compression):
-                return fmt, compression
-    return "", ""
 
 
 _AUDIT_HEAD: Final = re.compile(
@@ -606,11 +598,7 @@ class _Span:
 
     def line_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Start and end (exclusive, without the newline) of every line."""
-        starts = np.concatenate(([self.start], self.newlines + 1))
-        ends = np.concatenate((self.newlines, [self.stop]))
-        if len(self.newlines) and self.newlines[-1] == self.stop - 1:
-            starts, ends = starts[:-1], ends[:-1]  # nothing follows the last newline
-        return starts, ends
+        return line_bounds(self.newlines, self.start, self.stop)
 
 
 def _spans(piece: _Lines) -> list[_Span]:
@@ -1117,6 +1105,12 @@ def _arrow_column(name: str, column: pa.ChunkedArray) -> pl.Series:
 
 # --- bytes already in memory (tailed files) ---------------------------------------------------
 
+#: One pool for every line parser: a parser is made per tailed file, per HTTP body, per stream
+#: fetch; its decode tasks never wait on each other, so they can share threads (made on demand).
+_LINE_POOL: Final = ThreadPoolExecutor(
+    max_workers=min(_THREADS, os.cpu_count() or 1), thread_name_prefix="jsonl"
+)
+
 
 def line_parser(
     quarantine: Quarantine, default_tz: str | None = None
@@ -1126,19 +1120,17 @@ def line_parser(
     lines in ``data`` (numbered from ``first_line`` for rejects' locations, ``where:line``) and
     quarantines the rest. Used by sources that tail growing files."""
     check_zone(default_tz)
-    pool = ThreadPoolExecutor(max_workers=min(_THREADS, os.cpu_count() or 1))
-    context = _Context(1 << 30, quarantine, default_tz, pool)
+    context = _Context(1 << 30, quarantine, default_tz, _LINE_POOL)
 
     def parse(data: bytes, where: str, first_line: int, count: int) -> pl.DataFrame:
         buffer = bytearray(data)
         if buffer.startswith(_BOM) and first_line == 1:
             buffer[:3] = b"   "
-        newlines = np.flatnonzero(np.frombuffer(bytes(buffer), dtype=np.uint8) == 0x0A)
         if not buffer.endswith(b"\n"):
             buffer.extend(b"\n")
-            newlines = np.append(newlines, len(buffer) - 1)
+        newlines = np.flatnonzero(np.frombuffer(buffer, dtype=np.uint8) == 0x0A)
         piece = _Lines(buffer, len(buffer), first_line, newlines, count)
-        spans, attempts = _start(piece, pool)
+        spans, attempts = _start(piece, _LINE_POOL)
         return _finish(_collect(piece, spans, attempts), where, context)
 
     return parse

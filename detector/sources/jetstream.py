@@ -49,9 +49,9 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 
 from detector import schema
-from detector.quarantine import NullQuarantine, Quarantine
+from detector.quarantine import Quarantine
 from detector.sources import feeders
-from detector.sources.directory import MAX_CHUNK, Read
+from detector.sources.directory import MAX_CHUNK, Read, RoutedQuarantine
 
 log = structlog.get_logger(__name__)
 
@@ -122,8 +122,7 @@ class JetStreamSource:
         self._batch = fetch_messages
         self.fetch_wait_s = fetch_wait_s
         self.credentials_file = credentials_file
-        self.quarantine = quarantine or NullQuarantine()
-        self.on_reject = on_reject
+        self.rejects = RoutedQuarantine(quarantine, on_reject)
         self.on_status = on_status
         saved = (positions or {}).get(stream) or {}
         self._seq: int | None = int(saved["seq"]) if "seq" in saved else None
@@ -409,10 +408,7 @@ class JetStreamSource:
         first = int(msgs[0].metadata.sequence.stream)
         last = int(msgs[-1].metadata.sequence.stream)
         events, rejects = self._parse(msgs, first)
-        if rejects.height:
-            self.quarantine.write(rejects)
-            if self.on_reject is not None:
-                self.on_reject(rejects)
+        self.rejects.write(rejects)
         start = self._position()
         self._seq = last
         end = {**self._position(), "first": first, "messages": len(msgs)}

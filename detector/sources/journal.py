@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from detector import schema
 from detector.errors import InputError
 from detector.quarantine import Quarantine
+from detector.sources.directory import RoutedQuarantine
 from detector.sources.feeders import CanonicalLines, Collector
 from detector.sources.files import read_events
 
@@ -107,9 +108,8 @@ class HttpIngest:
         on_reject: Callable[[pl.DataFrame], None] | None = None,
     ) -> None:
         self.journal = journal
-        self.quarantine = quarantine
+        self.rejects = RoutedQuarantine(quarantine, on_reject)
         self.spool_tmp = spool_tmp
-        self.on_reject = on_reject
         spool_tmp.mkdir(parents=True, exist_ok=True)
 
     def ingest(self, body: bytes, kind: str, request_id: str) -> Accepted:
@@ -125,10 +125,7 @@ class HttpIngest:
             events, rejected = self._tabular(body, kind, where, collect)
         else:
             raise InputError(f"unsupported body kind {kind!r}")
-        if rejected.height:
-            self.quarantine.write(rejected)
-            if self.on_reject is not None:
-                self.on_reject(rejected)
+        self.rejects.write(rejected)
         path = None
         if events.height:
             path = self.journal.write(lambda fh: events.write_parquet(fh, compression="lz4"))
