@@ -39,7 +39,7 @@ from detector.config import JetStreamSource as JetStreamSettings
 from detector.config import Settings
 from detector.errors import ModelError
 from detector.incidents import merge
-from detector.pipeline import Scorer, state_end
+from detector.pipeline import Scorer, warmup_until
 from detector.quarantine import Quarantine
 from detector.schema import SEVERITY_RANK
 from detector.scoring import artefact as store_models
@@ -57,7 +57,6 @@ _RESOLVE_EVERY_S = 5.0
 #: Incidents resolved per transaction (memory stays bounded after an incident storm).
 _RESOLVE_CHUNK = 1_000
 _MODEL_CHECK_S = 2.0
-_WARMUP = timedelta(hours=24)
 
 
 class Busy(Exception):
@@ -458,15 +457,11 @@ class Service:
         if self._decided_warmup:
             return
         first = events["event_time"].min()
-        ended = state_end(self.scorer.artefact)
-        if (
-            isinstance(first, datetime)
-            and ended is not None
-            and first < ended - timedelta(minutes=5)
-        ):
+        warm = warmup_until(self.scorer.artefact, first if isinstance(first, datetime) else None)
+        if warm is not None:
             self.scorer = Scorer(self.scorer.artefact, continue_state=False)
-            self.warm_until = first + _WARMUP
-            log.info("history_replay_warmup", until=self.warm_until.isoformat())
+            self.warm_until = warm
+            log.info("history_replay_warmup", until=warm.isoformat())
         until = self.warm_until.isoformat() if self.warm_until else None
         self._service_pos = {"warmup": {"until": until}}
         with self.store.transaction() as tx:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 import orjson
@@ -414,6 +414,22 @@ def state_end(art: store.Artefact) -> datetime | None:
     return datetime.fromtimestamp(last, UTC) if last is not None else None
 
 
+#: How far back of the model's last event a stream may start and still continue its state.
+_CONTINUE_SLACK: Final = timedelta(minutes=5)
+
+
+def warmup_until(
+    art: store.Artefact, first_time: datetime | None, warmup_hours: float = 24.0
+) -> datetime | None:
+    """None when events starting at ``first_time`` continue the model's feature state; else
+    (a replay of history overlapping its training window) the end of the warm-up, during which
+    the state is learnt again from empty and nothing is raised."""
+    ended = state_end(art)
+    if first_time is None or ended is None or first_time >= ended - _CONTINUE_SLACK:
+        return None
+    return first_time + timedelta(hours=warmup_hours)
+
+
 def score(
     model_ref: str | Path,
     paths: Sequence[str | Path],
@@ -440,15 +456,12 @@ def score(
     t_start = time.perf_counter()
     batches = prefetched(_events(paths, quarantine, batch_rows, None, counts, reading))
     first = next(batches, None)
-    ended = state_end(art)
     first_time = first["event_time"].min() if first is not None else None
     if first_time is not None and not isinstance(first_time, datetime):
         raise InputError("event_time is not a timestamp")
-    continued = first_time is None or ended is None or first_time >= ended - timedelta(minutes=5)
+    warm_until = warmup_until(art, first_time, warmup_hours)
+    continued = warm_until is None
     scorer = Scorer(art, continue_state=continued)
-    warm_until = (
-        None if continued or first_time is None else first_time + timedelta(hours=warmup_hours)
-    )
     prog.start("scoring", total_rows(paths))
     kept = []
     if first is not None:

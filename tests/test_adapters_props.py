@@ -141,3 +141,16 @@ def test_log_line_prefixes(prefix: str, line: str) -> None:
         event = parsed.events.row(0, named=True)
         assert event["db_user"] == "ann" and event["objects"] == ["public.t"]
         assert event["rows_returned"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_stderr_character_to_byte_offsets_agree_with_utf8(text: str) -> None:
+    """The vectorised offsets for clean UTF-8 and the per-character ones give the byte offset
+    of every character position."""
+    from detector.adapters.pg_stderr import _byte_offsets
+
+    raw = text.encode()
+    fast, careful = _byte_offsets(text, raw, True), _byte_offsets(text, raw, False)
+    for c in range(len(text) + 1):
+        assert fast(c) == careful(c) == len(text[:c].encode())

@@ -136,7 +136,9 @@ class PgStderrParser:
         columns, starts, end_char, updates = self._match(text, final or idle, rejects, clean)
         # character offsets -> byte offsets (they differ only when the text is not ASCII)
         ascii_only = len(text) == stop
-        to_byte: Callable[[int], int] = (lambda c: c) if ascii_only else _byte_offsets(text)
+        to_byte: Callable[[int], int] = (
+            (lambda c: c) if ascii_only else _byte_offsets(text, data[:stop], clean)
+        )
         byte_starts = [to_byte(c) for c in starts]
         rejects.starts = [to_byte(c) for c in rejects.starts]
         end = to_byte(end_char)
@@ -286,12 +288,19 @@ def _from_epoch(epoch: str | None) -> str | None:
     return instant.strftime("%Y-%m-%d %H:%M:%S.%f") + " UTC"
 
 
-def _byte_offsets(text: str) -> Callable[[int], int]:
-    """A function from character offset to byte offset in the UTF-8 (surrogateescape) text."""
+def _byte_offsets(text: str, raw: bytes, clean: bool) -> Callable[[int], int]:
+    """A function from character offset to byte offset in ``raw``, decoded as ``text``
+    (strict UTF-8 when ``clean``, else with surrogateescape)."""
     import numpy as np
 
-    sizes = np.fromiter(
-        (len(ch.encode("utf-8", "surrogateescape")) for ch in text), dtype=np.int64, count=len(text)
-    )
-    cumulative = np.concatenate(([0], np.cumsum(sizes)))
+    if clean:  # a character starts at every byte that is not a continuation byte
+        codes = np.frombuffer(raw, dtype=np.uint8)
+        cumulative = np.append(np.flatnonzero((codes & 0xC0) != 0x80), len(raw))
+    else:  # an undecodable byte is one character of its own: count each one's size
+        sizes = np.fromiter(
+            (len(ch.encode("utf-8", "surrogateescape")) for ch in text),
+            dtype=np.int64,
+            count=len(text),
+        )
+        cumulative = np.concatenate(([0], np.cumsum(sizes)))
     return lambda c: int(cumulative[c])
