@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -139,7 +139,7 @@ class Source(Protocol):
 
     def positions(self) -> dict[str, dict[str, Any]]: ...
 
-    def reread(self, entry: dict[str, Any]) -> pl.DataFrame: ...
+    def replay(self, entry: dict[str, Any]) -> Iterator[pl.DataFrame]: ...
 
     def forget(self, keys: set[str]) -> None: ...
 
@@ -370,19 +370,18 @@ class Service:
         elif self._decided_warmup and self.warm_until is not None:
             self.scorer = Scorer(self.scorer.artefact, continue_state=False)
         replayed, missing = 0, 0
-        for _seq, reads in self.store.reads_after(after):
-            for entry in reads:
-                source = self._sources.get(entry["source"])
-                try:
-                    if source is None:
-                        raise FileNotFoundError(entry["source"])
-                    frame = source.reread(entry)
-                except OSError:
-                    missing += 1
-                    continue
-                if frame.height:
-                    self.scorer.engine.update(frame)
-                    replayed += frame.height
+        entries = (entry for _seq, reads in self.store.reads_after(after) for entry in reads)
+        for entry in _joined_whole_file_reads(entries):
+            source = self._sources.get(entry["source"])
+            try:
+                if source is None:
+                    raise FileNotFoundError(entry["source"])
+                for frame in source.replay(entry):
+                    if frame.height:
+                        self.scorer.engine.update(frame)
+                        replayed += frame.height
+            except OSError:
+                missing += 1
         if missing:
             log.warning("replay_incomplete", reads_missing=missing)
         log.info("state_restored", snapshot=snap.seq if snap else None, replayed_events=replayed)
@@ -751,6 +750,27 @@ class Service:
         self.quarantine.close()
         self.store.engine.dispose()
         log.info("service_stopped", batch=self.seq)
+
+
+def _joined_whole_file_reads(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The read log in order, adjacent reads of consecutive frames of one whole file joined
+    into one entry (a file is then read once for them all). Only adjacent ones: the features
+    must see the events in the order they were scored."""
+    held: dict[str, Any] | None = None
+    for entry in entries:
+        if (
+            held is not None
+            and "frames" in entry["end"]
+            and (held["source"], held["key"]) == (entry["source"], entry["key"])
+            and held["end"] == entry["start"]
+        ):
+            held = {**held, "end": entry["end"]}
+            continue
+        if held is not None:
+            yield held
+        held = entry
+    if held is not None:
+        yield held
 
 
 def _consumed(pos: dict[str, Any]) -> bool:

@@ -322,3 +322,40 @@ def _resolve_storm(service: Any, chunks: list[int]) -> None:
     assert {i for i, s in status.items() if s == "resolved"} == set(quiet)
     assert status["inc_busy"] == "open"
     assert sorted(i for i, kind in kinds if kind == "incident.resolved") == sorted(quiet)
+
+
+def test_restart_replays_a_whole_file_read_in_many_frames_with_one_pass_over_it(
+    tmp_path: Path, live_sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Parquet file scored in many small reads, then a crash with no snapshot: the restart
+    replays the logged frames in one pass over the file, and the feature state equals batch
+    scoring of the file."""
+    from detector.sources import directory
+
+    models = models_copy(tmp_path)
+    settings = settings_for(tmp_path, models, pipeline={"read_events": 2000})
+    sample = live_sample / "events.parquet"
+    with running(settings) as service:
+        shutil.copy(sample, tmp_path / "spool" / ".events.parquet.tmp")
+        os.replace(tmp_path / "spool" / ".events.parquet.tmp", tmp_path / "spool" / "e.parquet")
+        assert service.wait_idle(timeout=120)
+        service.crash_for_tests()
+    passes: list[Path] = []
+    read = directory.read_events
+
+    def counted(paths: list[Path], **kwargs: Any) -> Any:
+        passes.extend(paths)
+        return read(paths, **kwargs)
+
+    monkeypatch.setattr(directory, "read_events", counted)
+    with running(settings) as service:
+        replayed = service.scorer.engine
+        live_state, live_seen = _principal_state(replayed), replayed.events_seen_
+    assert [p.name for p in passes] == ["e.parquet"]  # 13 logged reads, one pass
+    batch = pipeline.Scorer(artefact.load(models / "default"), continue_state=True)
+    batch.score(pl.read_parquet(sample))
+    assert live_seen == batch.engine.events_seen_
+    expected = _principal_state(batch.engine)
+    assert live_state.keys() == expected.keys()
+    for name, row in expected.items():
+        np.testing.assert_allclose(live_state[name], row, rtol=1e-9, atol=1e-9, err_msg=name)

@@ -312,13 +312,19 @@ class DirectorySource:
     # ------------------------------------------------------------------ replay
     def reread(self, entry: dict[str, Any]) -> pl.DataFrame:
         """The events of a logged read, read again (rejects are not quarantined twice). A file
-        that is gone yields nothing; the caller counts that."""
+        that is gone raises FileNotFoundError; the caller counts that."""
+        frames = list(self.replay(entry))
+        return pl.concat(frames) if frames else schema.empty_events()
+
+    def replay(self, entry: dict[str, Any]) -> Iterator[pl.DataFrame]:
+        """:meth:`reread` frame by frame. One pass over a whole file serves a logged stretch
+        of many frames (the service joins the adjacent reads of one file), where a read per
+        frame would parse the file from its start each time."""
         start, end = entry["start"], entry["end"]
         path = self._locate(entry["key"], Path(end.get("path", start.get("path", ""))))
         if path is None:
             raise FileNotFoundError(end.get("path"))
         if "frames" in end:
-            out = []
             frames = read_events(
                 [path], batch_rows=self.read_events, default_tz=self.default_tz, on_error="skip"
             )
@@ -326,14 +332,14 @@ class DirectorySource:
                 if k > int(end["frames"]):
                     break
                 if k > int(start.get("frames", 0)):
-                    out.append(frame)
-            return pl.concat(out) if out else schema.empty_events()
+                    yield frame
+            return
         lo, hi = int(start.get("offset", 0)), int(end["offset"])
         if hi < lo:  # the read restarted after a truncation
             lo = 0
         data = self._bytes(path, lo, hi - lo)
         parser = self.make_feeder(str(path), int(start.get("line", 1)))
-        return parser.feed(data, final=True).events
+        yield parser.feed(data, final=True).events
 
     def _locate(self, key: str, hint: Path) -> Path | None:
         known = self._files.get(key)

@@ -455,6 +455,10 @@ class JetStreamSource:
                 raise SourceUnavailable(f"{self.stream} {first}..{last}: {exc}") from exc
         return self._parse(msgs, first)[0]
 
+    def replay(self, entry: dict[str, Any]) -> Iterator[pl.DataFrame]:
+        """:meth:`reread` as the service's restart replay takes it."""
+        yield self.reread(entry)
+
     async def _range(
         self, first: int, last: int, count: int, created: str | None
     ) -> list[Any]:
