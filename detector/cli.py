@@ -484,7 +484,7 @@ def serve(
     raise typer.Exit(server.run(settings, stdin_format=stdin_format if stdin else None))
 
 
-def _preflight(settings: Any, stdin_format: str | None) -> list[str]:
+def _preflight(settings: Any, stdin_format: str | None) -> None:
     """Problems that stop the service before it starts, all at once (ConfigError)."""
     from detector import formats
     from detector.errors import ConfigError
@@ -510,7 +510,6 @@ def _preflight(settings: Any, stdin_format: str | None) -> list[str]:
         problems.append(f"model: {exc}")
     if problems:
         raise ConfigError("\n".join([f"{len(problems)} problem(s):", *problems]))
-    return problems
 
 
 @config_app.command("check")

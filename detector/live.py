@@ -180,6 +180,8 @@ class Service:
         self._journal_backlog = 0
         self._backlog_lock = threading.Lock()
         self._idle_passes = 0
+        #: the newest event time scored (drives resolution of incidents by event time)
+        self.watermark: datetime | None = None
 
     # ================================================================== start
     def start(self) -> None:
@@ -438,7 +440,7 @@ class Service:
             pieces = self.scorer.incidents(anomalies) if anomalies.height else []
             last = events["event_time"].max()
             if isinstance(last, datetime):
-                self.watermark = max(getattr(self, "watermark", last), last)
+                self.watermark = last if self.watermark is None else max(self.watermark, last)
         positions = {(r.source, r.key): r.end for r in reads}
         logged = [r.log_entry() for r in reads if r.events.height]
         self.seq += 1
@@ -563,7 +565,7 @@ class Service:
     def resolve_idle(self) -> int:
         """Resolve incidents quiet for ``resolve_after_s`` (event time or wall time)."""
         quiet = timedelta(seconds=self.settings.incidents.resolve_after_s)
-        watermark = getattr(self, "watermark", None)
+        watermark = self.watermark
         resolved = 0
         while True:
             with self.store.transaction() as tx:

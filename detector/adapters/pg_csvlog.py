@@ -66,15 +66,17 @@ class PgCsvlogParser(RecordParser):
         if fast is not None and fast[1].sum() == head:
             columns, spans = fast
             firsts_fast = (np.cumsum(spans) - spans).tolist()
-            tail = _Shifted(self, head)
             rows, firsts, end_line = _read_rows(
-                lines[head:], final, rejects, tail, line_starts[head:]
+                lines[head:], final, rejects, self.options.name, self.line + head,
+                line_starts[head:],
             )
             firsts = [f + head for f in firsts]
             end_line += head
         else:
             columns, firsts_fast = None, []
-            rows, firsts, end_line = _read_rows(lines, final, rejects, self, line_starts)
+            rows, firsts, end_line = _read_rows(
+                lines, final, rejects, self.options.name, self.line, line_starts
+            )
         end = line_starts[end_line] if end_line < len(line_starts) else stop
         if not clean:
             rows, firsts = self._drop_invalid_utf8(rows, firsts, rejects, line_starts)
@@ -178,19 +180,12 @@ def _fast_columns(text: str) -> tuple[pl.DataFrame, np.ndarray] | None:
     return picked, spans
 
 
-class _Shifted:
-    """The parser as seen from line ``offset`` on (for reading the tail after the fast part)."""
-
-    def __init__(self, parser: PgCsvlogParser, offset: int) -> None:
-        self.options = parser.options
-        self.line = parser.line + offset
-
-
 def _read_rows(
     lines: list[str],
     final: bool,
     rejects: RejectList,
-    parser: PgCsvlogParser | _Shifted,
+    name: str,
+    first_line: int,
     line_starts: list[int],
 ) -> tuple[list[list[str]], list[int], int]:
     """Rows with the index of their first line, and the index of the first line not consumed.
@@ -222,7 +217,7 @@ def _read_rows(
                 continue  # a blank line
             if first + span >= total and not final and error is None:
                 return out, firsts, first  # the last record may still be being written
-            where = f"{parser.options.name}:{first + parser.line}"
+            where = f"{name}:{first + first_line}"
             detail = error or f"{len(row or ())} fields, expected one of {sorted(FIELD_COUNTS)}"
             raw = lines[first].encode("utf-8", "surrogateescape")
             rejects.add(line_starts[first], where, "malformed_line", detail[:120], raw)

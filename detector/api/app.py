@@ -231,10 +231,7 @@ def create_app(service: Service) -> FastAPI:
     def promote(body: Promote) -> dict[str, Any]:
         """Point ``current`` at a version (checksums verified); the service switches to it
         within seconds, keeping its learnt feature state when the feature spec is the same."""
-        try:
-            artefact.promote(service.settings.models_dir / service.settings.model, body.version)
-        except ExfilwatchError as exc:
-            raise HTTPException(400, str(exc)) from None
+        artefact.promote(service.settings.models_dir / service.settings.model, body.version)
         return {"promoted": body.version}
 
     return app

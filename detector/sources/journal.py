@@ -53,7 +53,6 @@ class Accepted:
     accepted: int
     rejected: int
     errors: list[dict[str, str]] = field(default_factory=list)
-    file: str | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -126,14 +125,13 @@ class HttpIngest:
         else:
             raise InputError(f"unsupported body kind {kind!r}")
         self.rejects.write(rejected)
-        path = None
         if events.height:
-            path = self.journal.write(lambda fh: events.write_parquet(fh, compression="lz4"))
+            self.journal.write(lambda fh: events.write_parquet(fh, compression="lz4"))
         errors = [
             {"location": r["location"], "reason": r["reason"], "detail": r["detail"]}
             for r in rejected.head(_SHOWN_ERRORS).iter_rows(named=True)
         ]
-        return Accepted(events.height, rejected.height, errors, path.name if path else None)
+        return Accepted(events.height, rejected.height, errors)
 
     def _tabular(
         self, body: bytes, kind: str, where: str, collect: Collector
