@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,12 +20,7 @@ import sqlalchemy as sa
 
 from detector.schema import SEVERITY_RANK
 from detector.sinks import tables as t
-
-Clock = Callable[[], datetime]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+from detector.sinks.outbox import Clock, utc_now
 
 
 def _ts(value: Any) -> datetime:
@@ -300,7 +295,7 @@ class Tx:
 class Store:
     """The state store over ``engine`` (see :func:`detector.sinks.tables.create_engine`)."""
 
-    def __init__(self, engine: sa.Engine, routes: Sequence[Route] = (), clock: Clock = _now):
+    def __init__(self, engine: sa.Engine, routes: Sequence[Route] = (), clock: Clock = utc_now):
         self.engine = engine
         self.routes = tuple(routes)
         self.clock = clock

@@ -35,6 +35,7 @@ import polars as pl
 import structlog
 
 from detector import schema
+from detector.adapters.base import Parsed
 from detector.quarantine import NullQuarantine, Quarantine
 from detector.sources import feeders
 from detector.sources.files import SUPPORTED_SUFFIXES, read_events
@@ -249,7 +250,7 @@ class DirectorySource:
             end = {**f.pos, "offset": offset, "line": line}
             yield self._read(f, parsed.events, end, parsed.rejects)
 
-    def _skip_overlong(self, f: _File, data: bytes) -> feeders.Parsed:
+    def _skip_overlong(self, f: _File, data: bytes) -> Parsed:
         offset = int(f.pos.get("offset", 0))
         skip = len(data)
         with f.path.open("rb") as fh:
@@ -275,7 +276,7 @@ class DirectorySource:
             ]
         )
         f.feeder = None
-        return feeders.Parsed(schema.empty_events(), rejects, skip)
+        return Parsed(schema.empty_events(), rejects, skip)
 
     def _feeder(self, f: _File) -> feeders.Feeder:
         if f.feeder is None:

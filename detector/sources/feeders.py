@@ -13,23 +13,20 @@ provide feeders of their own (see :mod:`detector.formats`, which names them all)
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import polars as pl
 
 from detector import schema
+from detector.adapters.base import Parsed
 from detector.quarantine import Quarantine
 from detector.sources import files
 from detector.validation import REJECT_SCHEMA, empty_rejects
 
 
-class Parsed(NamedTuple):
-    events: pl.DataFrame
-    rejects: pl.DataFrame
-    consumed: int
-
-
 class Feeder(Protocol):
+    """What a source feeds bytes to: the audit-log adapters, or :class:`CanonicalLines`."""
+
     def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed: ...
 
 

@@ -49,6 +49,7 @@ from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError
 
 from detector import schema
+from detector.adapters.base import Parsed
 from detector.quarantine import Quarantine
 from detector.sources import feeders
 from detector.sources.directory import MAX_CHUNK, Read, RoutedQuarantine
@@ -72,7 +73,7 @@ _RETRY_S: Final = 2.0
 _ERRORS: Final = (NatsError, JetStreamError, OSError, TimeoutError)
 
 
-def message_events(payloads: Iterable[bytes], feeder: feeders.Feeder) -> feeders.Parsed:
+def message_events(payloads: Iterable[bytes], feeder: feeders.Feeder) -> Parsed:
     """The events of a run of messages, each holding whole records: their payloads as one
     block of lines (a payload's last newline may be missing)."""
     body = b"".join(p if p.endswith(b"\n") else p + b"\n" for p in payloads)
