@@ -239,7 +239,7 @@ class Service:
 
     def _load_model(self) -> None:
         art = store_models.load(self._model_dir())
-        self.scorer = Scorer(art, continue_state=True)
+        self.scorer = Scorer(art, continue_state=False)  # _restore picks the state to start from
         self._model_version = art.path.name
         self._model_checked = time.monotonic()
         self._publish_model()
@@ -362,15 +362,16 @@ class Service:
         self.warm_until = datetime.fromisoformat(warm) if warm else None
         self._decided_warmup = "warmup" in self._service_pos
         snap = self.store.latest_snapshot()
-        after = 0
+        after, loaded = 0, False
         if snap is not None:
             try:
                 self.scorer.engine.load_state(Path(snap.path))
-                after = snap.seq
+                after, loaded = snap.seq, True
             except ModelError as exc:
                 log.warning("snapshot_unusable", path=snap.path, error=str(exc))
-        elif self._decided_warmup and self.warm_until is not None:
-            self.scorer = Scorer(self.scorer.artefact, continue_state=False)
+        fresh = snap is None and self._decided_warmup and self.warm_until is not None
+        if not loaded and not fresh:  # no usable snapshot: continue the model's own state
+            self.scorer.engine.load_state(self.scorer.artefact.path)
         replayed, missing = 0, 0
         entries = (entry for _seq, reads in self.store.reads_after(after) for entry in reads)
         for entry in _joined_whole_file_reads(entries):
