@@ -31,6 +31,7 @@ from detector.adapters.base import (
     RejectList,
     cut_point,
     finish_rejects,
+    kv_list,
     no_events,
 )
 from detector.validation import validate
@@ -285,24 +286,19 @@ class MariadbAuditParser:
             bad.add(0, r["_loc"], "unknown_class", f"operation {r['_op'][:40]!r}", r["_op"])
         if not rows:
             return no_events(), bad.frame().drop("_start").with_columns(_start=pl.lit(0))
-        frame = pl.DataFrame(
-            [
-                {
-                    **{k: v for k, v in r.items() if not k.startswith("_")},
-                    "_loc": r["_loc"],
-                    "objects": r["objects"] or None,
-                    "source_format": "mariadb_audit",
-                    "db_system": "mariadb",
-                    "db_instance": self.db_instance or r["_server"],
-                    "extra": [
-                        {"key": "retcode", "value": r["_ret"]},
-                        {"key": "server_host", "value": r["_server"]},
-                    ],
-                }
-                for r in rows
-            ],
-            infer_schema_length=None,
-        )
+        fields = [k for k in rows[0] if not k.startswith("_") and k != "objects"]
+        columns: dict[str, list[Any]] = {k: [r[k] for r in rows] for k in fields}
+        columns["_loc"] = [r["_loc"] for r in rows]
+        columns["objects"] = [r["objects"] or None for r in rows]
+        columns["db_instance"] = [self.db_instance or r["_server"] for r in rows]
+        columns["retcode"] = [r["_ret"] for r in rows]
+        columns["server_host"] = [r["_server"] for r in rows]
+        frame = pl.DataFrame(columns, strict=False)
+        frame = frame.with_columns(
+            kv_list(frame, ["retcode", "server_host"]),
+            source_format=pl.lit("mariadb_audit"),
+            db_system=pl.lit("mariadb"),
+        ).drop("retcode", "server_host")
         good, rejected = validate(frame, default_tz=self.timezone)
         return good, pl.concat(
             [bad.frame(), rejected.with_columns(_start=pl.lit(0, dtype=pl.Int64))],
