@@ -333,9 +333,25 @@ def evaluate_cmd(
     log_format: LogFormat = "auto",
     log_line_prefix: LogLinePrefix = None,
     timezone: TimeZone = None,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines", help="Also run the published baseline rules and compare with them."
+        ),
+    ] = False,
+    baseline_train_until: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline-train-until",
+            help="End of the rules' training window (ISO 8601 with zone; default: the first "
+            "model's training window end). Implies --baselines.",
+        ),
+    ] = None,
 ) -> None:
     """Per scenario caught/missed and time to detect; false incidents per day. Exits 1 when a
-    gate (--min-recall, --max-false-per-day) is not met."""
+    gate (--min-recall, --max-false-per-day) is not met. With --baselines, also the published
+    rules (detector.baselines) beside the models, all scored on the events after the rules'
+    training window."""
     from detector.evaluation import evaluate, load_labels
 
     label_data = load_labels(labels)
@@ -389,12 +405,61 @@ def evaluate_cmd(
     for label, cells in rows:
         summary.add_row(label, *cells)
     out.print(summary)
-    if json_out is not None:
-        json_out.write_bytes(
-            orjson.dumps(
-                {n: r[0].to_dict() for n, r in reports.items()}, option=orjson.OPT_INDENT_2
-            )
+    document: dict[str, Any] = {n: r[0].to_dict() for n, r in reports.items()}
+    if baselines or baseline_train_until is not None:
+        from detector import baselines as rules
+
+        cutoff = (
+            rules.parse_time(baseline_train_until)
+            if baseline_train_until is not None
+            else rules.training_end(models[0])
         )
+        events = rules.read(inputs, reading)
+        learnt = rules.history_size(events, cutoff)
+        window = rules.scored_labels(label_data, cutoff)
+        if learnt == 0:
+            console.print(
+                f"[yellow]warning[/]: no event before the baseline cutoff {cutoff.isoformat()}: "
+                "the rules learn from nothing (set --baseline-train-until)"
+            )
+        if not window["scenarios"]:
+            console.print(
+                f"[yellow]warning[/]: no labelled scenario ends after the baseline cutoff "
+                f"{cutoff.isoformat()}: nothing to compare (set --baseline-train-until)"
+            )
+        methods = {n: reports[n][1].incidents for n in names} | rules.run(events, cutoff)
+        lines = rules.compare(methods, label_data, cutoff)
+        compared = Table(
+            title=f"baselines: rules learnt from {learnt:,} events before {cutoff.isoformat()}; "
+            f"every method scored on {window['start']} .. {window['end']}",
+            title_justify="left",
+        )
+        compared.add_column("method")
+        for col in (
+            "variants caught",
+            "shapes caught",
+            "false alert groups per day",
+            "alert groups on benign heavy work",
+        ):
+            compared.add_column(col, justify="right")
+        for method in lines:
+            (v, nv), (sh, nsh) = method.variants, method.shapes
+            compared.add_row(
+                method.method,
+                f"{v}/{nv}",
+                f"{sh}/{nsh}",
+                f"{method.report.false_per_day:.2f}",
+                str(method.benign_heavy),
+            )
+        out.print(compared)
+        document["baselines"] = {
+            "train_until": cutoff.isoformat(),
+            "training_events": learnt,
+            "scored_window": {"start": window["start"], "end": window["end"]},
+            "methods": {m.method: m.to_dict() for m in lines},
+        }
+    if json_out is not None:
+        json_out.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
     failed = []
     for name, (rep, _) in reports.items():
         if min_recall is not None and rep.recall < min_recall:

@@ -32,12 +32,14 @@ from detector.features.settings import FeatureSettings
 from detector.incidents import grouping
 from detector.quarantine import Quarantine
 from detector.scoring import artefact as store
+from detector.scoring.ensemble import GROUPS, Ensemble, fit_ensemble
 from detector.scoring.explain import explain, feature_stats
-from detector.scoring.forest import Forest, fit_forest, pad_quiet_dimensions
-from detector.scoring.threshold import calibrate, severity
+from detector.scoring.threshold import calibrate_regimes, regime_days, severity
 from detector.sources.files import expand_paths, read_events
 
 #: Columns kept from each feature batch while training (features + what grouping needs).
+#: Calibration scores every training day with a model fitted without it, in this many folds.
+CALIBRATION_FOLDS: Final = 4
 _TRAIN_COLUMNS = ("event_time", "db_user", "action", "client_ip", "session_id", *MODEL_FEATURES)
 
 
@@ -79,7 +81,6 @@ class TrainOptions:
     max_samples: int = 256
     seed: int = 0
     warmup_hours: float = 24.0
-    heldback_fraction: float = 0.25
     false_alerts_per_day: float = 1.0
     gap_s: float = grouping.DEFAULT_GAP_S
     batch_rows: int = 100_000
@@ -267,33 +268,61 @@ def train(
             f"training needs more history: {t1 - t0} given, warm-up alone is "
             f"{opts.warmup_hours} h (lower --warmup-hours or add days)"
         )
-    held = max(opts.heldback_fraction * span, min(86400.0, span / 2))
-    held_start = t1 - timedelta(seconds=held)
-    fit = feats.filter(pl.col("event_time").is_between(warm_end, held_start, closed="left"))
-    heldback = feats.filter(pl.col("event_time") >= held_start)
+    fit = feats.filter(pl.col("event_time") >= warm_end)
     X_fit = fit.select(MODEL_FEATURES).to_numpy()
+    plausible = np.asarray(PLAUSIBLE)
 
-    prog.start("fitting isolation forest", None)
+    prog.start("fitting isolation forests", None)
     t_fit0 = time.perf_counter()
-    X_padded, padded = pad_quiet_dimensions(X_fit, np.asarray(PLAUSIBLE), seed=opts.seed)
-    forest, _ = fit_forest(
-        X_padded, n_trees=opts.n_trees, max_samples=opts.max_samples, seed=opts.seed
+    model, padded = fit_ensemble(
+        X_fit,
+        MODEL_FEATURES,
+        plausible,
+        n_trees=opts.n_trees,
+        max_samples=opts.max_samples,
+        seed=opts.seed,
     )
     t_fit = time.perf_counter() - t_fit0
     prog.finish()
 
+    # Calibration on every day after the warm-up, each scored by a model fitted without it
+    # (days dealt into at most CALIBRATION_FOLDS folds), so no single held-back day, a quiet
+    # weekend or a busy Monday, sets the threshold for the week.
     prog.start("calibrating threshold", None)
-    hb_scores = forest.score(heldback.select(MODEL_FEATURES).to_numpy())
-    scored_hb = heldback.select(
-        "event_time", "action", "client_ip", "session_id", "db_user"
-    ).with_columns(anomaly_score=hb_scores)
-
-    def incidents_at(threshold: float) -> int:
-        return grouping.count(scored_hb.filter(pl.col("anomaly_score") >= threshold), opts.gap_s)
-
-    days = held / 86400.0
-    cal = calibrate(hb_scores, incidents_at, days=days, budget_per_day=opts.false_alerts_per_day)
+    day = fit["event_time"].dt.date()
+    day_ids = day.rank("dense").cast(pl.Int64).to_numpy() - 1
+    folds = day_ids % min(CALIBRATION_FOLDS, int(day_ids.max()) + 1)
+    oof = np.zeros(fit.height)
+    for k in np.unique(folds):
+        held_k = folds == k
+        if held_k.all():  # one day only: nothing to fit without it; score it in sample
+            oof[:] = model.score(X_fit)
+            break
+        fold_model, _ = fit_ensemble(
+            X_fit[~held_k],
+            MODEL_FEATURES,
+            plausible,
+            n_trees=opts.n_trees,
+            max_samples=opts.max_samples,
+            seed=opts.seed,
+        )
+        oof[held_k] = fold_model.score(X_fit[held_k])
+    scored = fit.select("event_time", "action", "client_ip", "session_id", "db_user").with_columns(
+        anomaly_score=oof
+    )
+    regimes = regime_days(fit["event_time"])
+    cal = calibrate_regimes(
+        oof,
+        fit["event_time"],
+        lambda rows, threshold: grouping.count(
+            scored.filter(pl.Series(rows) & (pl.col("anomaly_score") >= threshold)), opts.gap_s
+        ),
+        regimes=regimes,
+        budget_per_day=opts.false_alerts_per_day,
+    )
     prog.finish()
+    hb_scores = oof
+    days = cal.heldback_days
 
     quantiles = {
         f"p{q:g}": float(np.quantile(hb_scores, q / 100)) for q in (50, 90, 99, 99.9, 99.99)
@@ -308,27 +337,29 @@ def train(
             "inputs": [str(p) for p in paths],
             "window": {"start": t0.isoformat(), "end": t1.isoformat()},
             "warmup_until": warm_end.isoformat(),
-            "heldback_from": held_start.isoformat(),
+            "calibration": "every day after the warm-up, scored out of fold",
+            "calibration_days": regimes,
             "events": counts["events"],
             "excluded_events": counts["excluded"],
             "rejected_records": quarantine.total,
             "fit_rows": fit.height,
-            "heldback_rows": heldback.height,
+            "heldback_rows": fit.height,
             "exclude_labels": str(opts.exclude_labels) if opts.exclude_labels else None,
         },
         "forest": {
+            "kind": "grouped isolation forests, scores as summed surprise (log10)",
+            "groups": {name: list(cols) for name, cols in GROUPS.items()},
             "trees": opts.n_trees,
             "max_samples": opts.max_samples,
             "seed": opts.seed,
-            "depth": forest.depth,
-            "padded_features": [MODEL_FEATURES[j] for j in padded],
+            "padded_features": padded,
         },
         "score_quantiles_heldback": quantiles,
         "threshold": cal.to_dict(),
         "grouping": {"gap_s": opts.gap_s},
         "feature_stats": feature_stats(X_fit, MODEL_FEATURES),
     }
-    version_dir = store.write_version(model_dir, forest, metadata, engine.save_state)
+    version_dir = store.write_version(model_dir, model, metadata, engine.save_state)
     promoted = opts.promote or "current" not in store.aliases(model_dir)
     if promoted:
         store.promote(model_dir, version_dir.name)
@@ -339,7 +370,7 @@ def train(
         excluded=counts["excluded"],
         rejected=quarantine.total,
         fit_rows=fit.height,
-        heldback_rows=heldback.height,
+        heldback_rows=fit.height,
         heldback_days=days,
         heldback_incidents=cal.heldback_incidents,
         threshold=cal.value,
@@ -373,7 +404,7 @@ class Scorer:
             )
         if continue_state:
             self.engine.load_state(art.path)
-        self.forest: Forest = art.forest
+        self.forest: Ensemble = art.forest
         self.threshold = art.threshold
         self.bands: dict[str, float] = meta["threshold"]["bands"]
         self.stats: dict[str, dict[str, float]] = meta["feature_stats"]

@@ -33,6 +33,7 @@ STATEMENTS = [
         "write",
     ),
     ("SELECT * FROM public.feature_flags", None, "read"),
+    ("SELECT id FROM api_keys WHERE key_hash = $1 AND client_id = ${n}", ["api_keys"], "read"),
     ("not sql at all ((( {n}", None, "other"),
     (None, None, "login"),
     (None, None, "login_failed"),
@@ -45,7 +46,10 @@ event = st.fixed_dictionaries(
             st.floats(0, 900),
             st.sampled_from([0.0, 4000.0, 90000.0, 40 * 86400.0]),
         ),
-        "user": st.sampled_from(["app", "bi", "ann", "bob"]),
+        # support_1 and support_2 share a peer group (their names differ by a number)
+        "user": st.sampled_from(["app", "bi", "ann", "support_1", "support_2"]),
+        "session": st.one_of(st.none(), st.integers(0, 5).map(lambda n: f"s{n}")),
+        "system": st.sampled_from(["postgresql", "mariadb"]),
         "ip": st.one_of(st.none(), st.sampled_from(["10.0.0.1", "10.0.0.2", "203.0.113.9"])),
         "app": st.one_of(st.none(), st.sampled_from(["web", "psql", "dbeaver"])),
         "tenant": st.one_of(st.none(), st.integers(0, 3000).map(lambda n: f"c{n}")),
@@ -69,6 +73,8 @@ def build(specs: list[dict[str, object]]) -> pl.DataFrame:
                 "client_ip": s["ip"],
                 "client_app": s["app"],
                 "tenant_id": s["tenant"],
+                "session_id": s["session"],
+                "db_system": s["system"],
                 "action": action,
                 "objects": objects,
                 "statement_text": text.format(n=s["n"]) if text else None,
@@ -139,6 +145,8 @@ def test_many_pairs_force_table_rebuilds_without_changing_results() -> None:
             "stmt": 0,
             "n": i,
             "rows": 1,
+            "session": f"s{i // 3}",  # many short sessions: session entries churn too
+            "system": "postgresql",
         }
         for i in range(5000)
     ]
@@ -171,7 +179,7 @@ def run(rows: list[dict[str, object]]) -> pl.DataFrame:
 
 
 def test_habitual_work_has_no_excess_and_a_dump_from_a_new_address_has() -> None:
-    base = history(6)  # a first day of novelty weighs 1/6 of the habit
+    base = history(6)
     dump = {
         "event_time": T0 + timedelta(days=3, hours=10),
         "db_user": "support_1",
@@ -187,10 +195,14 @@ def test_habitual_work_has_no_excess_and_a_dump_from_a_new_address_has() -> None
     for name in ("rows_excess", "sensitive_rows_1h_excess"):  # volumes: far past the high
         assert f_dump[name] > 0.9, name
         assert f_usual[name] == 0.0, name
-    # habits: 1 minus the share of history that did it (the first, novel day is ~1/9 of it)
+    # habits never done before are fully surprising (the principal's first day, when
+    # everything is new, does not count as a habit of novelty)
     for name in ("new_address_excess", "new_client_app_excess", "bulk_sensitive_read_excess"):
-        assert f_dump[name] > 0.8, name
-        assert f_usual[name] < 0.2, name
+        assert f_dump[name] == 1.0, name
+        assert f_usual[name] == 0.0, name
+    assert f_dump["new_shape_excess"] == 1.0
+    assert f_dump["new_shape_sensitive_excess"] == 1.0
+    assert f_usual["new_shape_excess"] == 0.0
     assert f_dump["rows_typical"] == pytest.approx(np.log1p(25))
 
 
@@ -268,33 +280,6 @@ def test_model_matrix_is_the_frames_model_columns() -> None:
     assert np.array_equal(engine.model_matrix_, feats.select(MODEL_FEATURES).to_numpy())
 
 
-def test_state_written_with_the_daily_highs_inside_the_state_row_still_loads(
-    tmp_path: Path,
-) -> None:
-    """State files from before the daily highs had an array of their own (the ring inside
-    each float64 state row) restore to the same features."""
-    from detector.features import kernel as K
-
-    events = make_events(history(6))
-    first, rest = events.slice(0, 160), events.slice(160)
-    engine = FeatureEngine()
-    engine.transform(first)
-    assert engine.highs_[: len(engine.principals_)].any()  # windows closed: the ring is used
-    engine.save_state(tmp_path)
-    with np.load(tmp_path / "state.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    highs = arrays.pop("principal_highs").astype(np.float64)
-    state = arrays.pop("principal_state")
-    arrays["principal_state"] = np.concatenate(
-        [state[:, : K.LEGACY_S_HIGH0], highs, state[:, K.LEGACY_S_HIGH0 :]], axis=1
-    )
-    assert arrays["principal_state"].shape[1] == K.LEGACY_N_STATE
-    np.savez_compressed(tmp_path / "state.npz", **arrays)
-    legacy = FeatureEngine()
-    legacy.load_state(tmp_path)
-    assert_same(legacy.transform(rest).select(COMPARED), engine.transform(rest).select(COMPARED))
-
-
 def test_state_with_a_short_row_is_refused(tmp_path: Path) -> None:
     engine = FeatureEngine()
     engine.transform(make_events(history(1)))
@@ -305,3 +290,116 @@ def test_state_with_a_short_row_is_refused(tmp_path: Path) -> None:
     np.savez_compressed(tmp_path / "state.npz", **arrays)
     with pytest.raises(ModelError, match="inconsistent"):
         FeatureEngine().load_state(tmp_path)
+
+
+def _sessions(
+    user: str, days: int, per_session: int, start_day: int = 0
+) -> list[dict[str, object]]:
+    """Short application sessions: ``per_session`` parameterised lookups each, all day."""
+    rows: list[dict[str, object]] = []
+    for d in range(start_day, start_day + days):
+        for k in range(60):
+            t = T0 + timedelta(days=d, hours=8, minutes=10 * k)
+            for j in range(per_session):
+                rows.append(
+                    {
+                        "event_time": t + timedelta(seconds=j),
+                        "db_user": user,
+                        "session_id": f"{user}-{d}-{k}",
+                        "client_ip": "10.0.10.1",
+                        "client_app": "app",
+                        "objects": ["public.users"],
+                        "rows_returned": 20,
+                        "statement_text": "SELECT id, name FROM users WHERE client_id = $1 "
+                        "ORDER BY name LIMIT $2 OFFSET $3",
+                    }
+                )
+    return rows
+
+
+def test_one_session_running_the_apps_own_query_for_hundreds_of_tenants_stands_out() -> None:
+    """Every statement is one the account runs all day; the session is not."""
+    base = _sessions("app_api", 3, 3)
+    t = T0 + timedelta(days=3, hours=10)
+    scrape = [
+        {**base[0], "event_time": t + timedelta(seconds=2 * j), "session_id": "scraper"}
+        for j in range(240)
+    ]
+    usual = [
+        {**r, "event_time": t + timedelta(seconds=j), "session_id": "fresh"}
+        for j, r in enumerate(base[:3])
+    ]
+    f_scrape = run([*base, *scrape]).row(-1, named=True)
+    f_usual = run([*base, *usual]).row(-1, named=True)
+    assert f_scrape["session_statements_excess"] > 3.0  # e^3 beyond 1.5x the usual sessions
+    assert f_scrape["session_statements_typical"] == pytest.approx(np.log1p(3), abs=0.01)
+    assert f_usual["session_statements_excess"] == 0.0
+    # the tenant filter is a bound parameter: a filtered lookup, not a bulk read
+    assert f_scrape["bulk_sensitive_read_excess"] == 0.0
+    assert f_scrape["new_shape_excess"] == 0.0  # the app's own shape
+
+
+def test_a_new_shape_weighs_by_how_closed_the_vocabulary_is() -> None:
+    base = _sessions("app_api", 3, 2)
+    t = T0 + timedelta(days=3, hours=10)
+    new = {
+        **base[0],
+        "event_time": t,
+        "session_id": "page-1",
+        "statement_text": "SELECT * FROM users ORDER BY id LIMIT $1 OFFSET $2",
+    }
+    f = run([*base, new]).row(-1, named=True)
+    assert f["new_shape_excess"] == 1.0 and f["new_shape_sensitive_excess"] == 1.0
+    assert f["new_shape_anyone_excess"] == 1.0
+    assert f["bulk_sensitive_read_excess"] == 1.0  # no filter at all on users
+    # an analyst who writes a new query several times a day: the same novelty weighs less
+    ad_hoc = [
+        {
+            "event_time": T0 + timedelta(days=d, hours=9, minutes=20 * k),
+            "db_user": "ann",
+            "session_id": f"ann-{d}",
+            "objects": ["public.users"],
+            "rows_returned": 5,
+            "statement_text": f"SELECT name FROM users WHERE id = {k} AND plan_{d}_{k % 4} = 1",
+        }
+        for d in range(3)
+        for k in range(12)
+    ]
+    g = run([*ad_hoc, {**new, "db_user": "ann", "session_id": "ann-x"}]).row(-1, named=True)
+    assert 0.0 < g["new_shape_excess"] < 0.6
+
+
+def test_a_principal_in_its_first_day_is_compared_with_its_peers() -> None:
+    """support_9 joins on day 3 and reads as support agents do: no excess; a principal with
+    no peers doing the same is measured against nothing."""
+    peers = [r for u in ("support_1", "support_2") for r in _sessions(u, 3, 2)]
+    newcomer = [
+        {**r, "db_user": user, "session_id": f"{user}-{r['session_id']}"}
+        for user in ("support_9", "zed")
+        for r in _sessions("x", 1, 2, start_day=3)[:30]
+    ]
+    feats = run([*peers, *newcomer])
+    most = {
+        u: feats.filter(pl.col("db_user") == u)
+        .select(pl.all().exclude("tables").max())
+        .row(0, named=True)
+        for u in ("support_9", "zed")
+    }
+    assert most["support_9"]["new_principal"] == 1.0 == most["zed"]["new_principal"]
+    assert most["support_9"]["sensitive_rows_24h_excess"] == 0.0
+    assert most["zed"]["sensitive_rows_24h_excess"] > 1.0
+
+
+def test_mariadb_statements_are_read_as_mysql() -> None:
+    rows = [
+        {
+            "db_user": "app",
+            "db_system": "mariadb",
+            "objects": None,
+            "rows_returned": 10,
+            "statement_text": "SELECT SQL_NO_CACHE `id`, `email` FROM `shop`.`customers`",
+        }
+    ]
+    f = run(rows).row(-1, named=True)
+    assert f["tables"] == ["shop.customers"]
+    assert f["bulk_sensitive_read"] == 1.0

@@ -15,10 +15,12 @@ from hypothesis.extra.numpy import arrays
 from sklearn.ensemble import IsolationForest
 
 from detector.errors import ModelError
+from detector.features.engine import MODEL_FEATURES, PLAUSIBLE
 from detector.scoring import artefact as store
+from detector.scoring.ensemble import Ensemble, fit_ensemble
 from detector.scoring.explain import explain, feature_stats
 from detector.scoring.forest import Forest, fit_forest, flatten, sklearn_anomaly_score
-from detector.scoring.threshold import calibrate, severity
+from detector.scoring.threshold import calibrate, calibrate_regimes, regime_days, severity
 
 
 @settings(max_examples=25, deadline=None)
@@ -49,9 +51,22 @@ def test_higher_score_means_more_anomalous() -> None:
     assert 0 < normal < outlier <= 1
 
 
+def _ensemble(seed: int, n: int = 2000) -> Ensemble:
+    """Grouped forests fitted on sparse, non-negative rows like the engine's."""
+    rng = np.random.default_rng(seed)
+    f = len(MODEL_FEATURES)
+    # mild excesses are common (each feature in a third of the rows, up to 0.2); 1% of the
+    # rows have one stronger excess; copy_out_excess stays quiet (never seen in training)
+    X = np.where(rng.random((n, f)) < 0.3, rng.uniform(0.0, 0.2, (n, f)), 0.0)
+    strong = rng.random(n) < 0.01
+    X[strong, rng.integers(0, f, int(strong.sum()))] = rng.uniform(0.3, 0.8, int(strong.sum()))
+    X[:, MODEL_FEATURES.index("copy_out_excess")] = 0.0
+    model, _ = fit_ensemble(X, MODEL_FEATURES, np.asarray(PLAUSIBLE), n_trees=20, seed=seed)
+    return model
+
+
 def _version(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(2)
-    forest, _ = fit_forest(rng.normal(size=(500, 3)), n_trees=10)
+    forest = _ensemble(2, 500)
 
     def state(d: Path) -> None:
         (d / "state.npz").write_bytes(b"state")
@@ -161,3 +176,85 @@ def test_large_batches_split_across_threads_score_exactly_like_sklearn() -> None
     X = rng.normal(size=(45_001, 6)) * 2  # above the row count that splits work over threads
     X[::3] = 0.0  # all-zero rows take the shared-score path
     assert np.array_equal(forest.score(X), sklearn_anomaly_score(model, X))
+
+
+def _row(**values: float) -> np.ndarray:
+    x = np.zeros((1, len(MODEL_FEATURES)))
+    for name, v in values.items():
+        x[0, MODEL_FEATURES.index(name)] = v
+    return x
+
+
+def test_one_signal_at_full_strength_outranks_a_mix_of_mild_ones() -> None:
+    model = _ensemble(7)
+    strong = _row(copy_out_excess=1.0)
+    mild = _row(rows_excess=0.1, tables_1h_excess=0.1, off_hours=0.2, session_shapes_excess=0.1)
+    usual = _row()
+    s_strong, s_mild, s_usual = (float(model.score(x)[0]) for x in (strong, mild, usual))
+    assert s_usual == 0.0
+    assert s_strong > s_mild > 0.0
+    assert s_strong >= 2.5  # rarer than one training row in ~300
+
+
+def test_the_strongest_anomalies_do_not_share_one_ceiling() -> None:
+    model = _ensemble(8)
+    scores = [
+        float(model.score(_row(rows_excess=v, sensitive_rows_1h_excess=v))[0])
+        for v in (5.0, 10.0, 20.0)
+    ]
+    assert scores[0] < scores[1] < scores[2]
+    both = float(
+        model.score(_row(rows_excess=5.0, sensitive_rows_1h_excess=5.0, new_address_excess=1.0))[0]
+    )
+    assert both > scores[0]  # another kind of evidence adds to it
+
+
+def test_ensemble_round_trip_scores_the_same_and_refuses_tampering(tmp_path: Path) -> None:
+    model = _ensemble(9)
+    rng = np.random.default_rng(1)
+    X = np.where(
+        rng.random((300, len(MODEL_FEATURES))) < 0.2,
+        rng.exponential(1.0, (300, len(MODEL_FEATURES))),
+        0.0,
+    )
+    model.save(tmp_path / "m.npz")
+    back = Ensemble.load(tmp_path / "m.npz")
+    assert np.array_equal(model.score(X), back.score(X))
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["g0_columns"] = arrays["g0_columns"] + 1000
+    with (tmp_path / "bad.npz").open("wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(ModelError, match=r"out of range|inconsistent"):
+        Ensemble.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("start_day", range(7))
+def test_calibration_holds_whichever_weekday_the_history_starts_on(start_day: int) -> None:
+    """Weekdays are busy and noisy, weekends quiet: the threshold is set by the regime that
+    needs the higher one, whatever day the calibration span starts on."""
+    rng = np.random.default_rng(start_day)
+    t0 = datetime(2026, 3, 2, tzinfo=UTC) + timedelta(days=start_day)  # 2026-03-02 is a Monday
+    times, scores = [], []
+    for d in range(4):
+        day = t0 + timedelta(days=d)
+        weekend = day.isoweekday() >= 6
+        n = 200 if weekend else 2000
+        times += [day + timedelta(seconds=float(s)) for s in np.sort(rng.uniform(0, 86399, n))]
+        scores += list(rng.exponential(0.5 if weekend else 1.0, n))
+    frame = pl.DataFrame({"event_time": times}, schema={"event_time": pl.Datetime("us", "UTC")})
+    s = np.asarray(scores)
+
+    def incidents_at(rows: np.ndarray, t: float) -> int:
+        return int(((s >= t) & rows).sum())
+
+    regimes = regime_days(frame["event_time"])
+    assert sum(regimes.values()) == pytest.approx(4.0, abs=0.01)
+    cal = calibrate_regimes(
+        s, frame["event_time"], incidents_at, regimes=regimes, budget_per_day=1.0
+    )
+    weekday = frame["event_time"].dt.weekday().to_numpy() < 6
+    # the weekday days, the noisy regime, stay within one incident a day
+    assert incidents_at(weekday, cal.value) <= regimes["weekday"] * 1.0 + 1e-9
+    assert cal.regimes["weekday"] == cal.value or cal.value == 2.0
+    assert cal.bands["medium"] == cal.value + 1.0 and cal.bands["high"] == cal.value + 2.0

@@ -27,10 +27,16 @@ import polars as pl
 from detector.errors import ModelError
 from detector.features import kernel as K
 from detector.features.settings import FeatureSettings
-from detector.features.sqlshape import KIND_CODES, ShapeCache, row_fingerprint_expr, stable_hash
+from detector.features.sqlshape import (
+    KIND_CODES,
+    ShapeCache,
+    dialect_expr,
+    row_fingerprint_expr,
+    stable_hash,
+)
 from detector.schema import ACTIONS
 
-ENGINE_VERSION: Final = 5
+ENGINE_VERSION: Final = 6
 
 #: Columns of the model's input, in order. Every one is >= 0 and 0 means "as usual".
 MODEL_FEATURES: Final = (
@@ -51,6 +57,9 @@ PLAUSIBLE: Final = (
     1.0,  # new principal
 )
 
+#: Names of the state rows of peer groups (no principal name starts with a NUL).
+PEER_PREFIX: Final = "\x00peer:"
+
 #: Columns carried from the event into the feature frame (for incidents and explanations).
 CONTEXT_COLUMNS: Final = (
     "event_time",
@@ -65,9 +74,6 @@ CONTEXT_COLUMNS: Final = (
     "statement_text",
 )
 
-#: The typical value assumed for a principal with no history of a quantity.
-_NO_HISTORY: Final = np.zeros(K.NB)
-
 #: Growth that is still usual: up to 1.5x a count's previous high is no excess (a growing
 #: customer base grows every habitual job); habits (0/1 shares) get no allowance.
 GROWTH: Final = 1.5
@@ -76,7 +82,6 @@ _ALLOWANCE: Final = np.array(
         float(np.log10(GROWTH)) if q == "table_coverage" else float(np.log(GROWTH))
         for q in K.QUANTITIES[: K.NC]
     ]
-    + [0.0] * (K.NB - K.NC)
 )
 
 _CODE: Final = {a: i for i, a in enumerate(ACTIONS)}
@@ -102,6 +107,9 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_PAIR_EXPIRY] = settings.new_pair_expiry_days * 86400.0
     p[K.P_WINDOW] = 3600.0
     p[K.P_NOVELTY] = 86400.0
+    p[K.P_TAU_SESSION] = 3600.0
+    p[K.P_SESSION_EXPIRY] = 8 * 3600.0
+    p[K.P_OFF_HOURS_SHARE] = 0.25
     return p
 
 
@@ -133,21 +141,42 @@ class FeatureBatch:
 
 
 def _model_matrix(out: np.ndarray) -> np.ndarray:
-    """Model features from kernel outputs: each quantity's excess over the principal's past
-    (beyond the growth allowance), then the novelty and failure columns."""
-    values = out[:, 0 : 2 * K.NB : 2]
-    typical = out[:, 1 : 2 * K.NB : 2]
-    typical_or_none = np.where(np.isnan(typical), _NO_HISTORY, typical)
+    """Model features from kernel outputs: each count's excess over the principal's previous
+    high (beyond the growth allowance), each habit's surprise, then the novelty and failure
+    columns."""
+    values = out[:, 0 : 2 * K.NC : 2]
+    typical = out[:, 1 : 2 * K.NC : 2]
+    typical_or_none = np.where(np.isnan(typical), 0.0, typical)
     excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
     return np.column_stack(
         [
             excess,
+            habit_surprise(out[:, 2 * K.NC : 2 * K.NB : 2], out[:, 2 * K.NC + 1 : 2 * K.NB : 2]),
             out[:, K.O_OFF_HOURS],
             out[:, K.O_FAIL_ADDR],
             out[:, K.O_FAIL_PRINCIPAL],
             out[:, K.O_NEW_PRINCIPAL],
         ]
     )
+
+
+#: A habit done at most this often (share of the principal's events) is fully surprising.
+RARE_SHARE: Final = 1e-3
+
+
+def habit_surprise(value: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """How surprising doing a habit is for the principal: ``value`` (0/1) weighted by the
+    information of its share, -log10(share), scaled to [0, 1] at :data:`RARE_SHARE`.
+
+    A service account that never ran a new statement shape (share ~0) scores 1 for one; an
+    analyst who does it one query in ten scores 1/3; a nightly job's COPY scores 0.
+
+    >>> habit_surprise(np.array([1.0, 1.0, 1.0, 0.0]), np.array([0.0, 0.1, 1.0, 0.0]))
+    array([1.        , 0.33333333, 0.        , 0.        ])
+    """
+    floor = np.log10(1.0 / RARE_SHARE)
+    safe = np.clip(np.nan_to_num(share, nan=0.0), RARE_SHARE, 1.0)
+    return np.asarray(value * np.minimum(1.0, -np.log10(safe) / floor) + 0.0)
 
 
 def _grown(array: np.ndarray, extra: int) -> np.ndarray:
@@ -201,13 +230,15 @@ class FeatureEngine:
             )
         prep = self._prepare(events)
         cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
-        pidx = self._principal_index(events["db_user"])
+        pidx, peer = self._principal_index(events["db_user"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
             cols["t"],
             pidx,
+            peer,
             self._ids(events["client_ip"]),
             self._ids(events["client_app"]),
             self._ids(events["tenant_id"]),
+            self._ids(events["session_id"]),
             cols["table_id"],
             cols["fp"],
             cols["action_code"],
@@ -252,11 +283,12 @@ class FeatureEngine:
             .otherwise(pl.coalesce("rows_returned", "rows_affected"))
             .cast(pl.Float64)
             .fill_null(float("nan")),
-            h=row_fingerprint_expr("statement_text"),
+            h=row_fingerprint_expr("statement_text", dialect_expr("db_system")),
+            dialect=dialect_expr("db_system"),
             objects=pl.col("objects"),
             reading=reading,
         )
-        shapes = self._shapes.shapes(base["h"], events["statement_text"])
+        shapes = self._shapes.shapes(base["h"], events["statement_text"], base["dialect"])
         base = base.join(shapes, on="h", how="left", maintain_order="left")
         base = base.with_columns(
             tables=pl.when(pl.col("objects").list.len() > 0)
@@ -268,6 +300,7 @@ class FeatureEngine:
         )
         kind = pl.col("kind").fill_null(0)
         no_tenant_filter = ~pl.col("tenant_filter").fill_null(False)
+        no_point_filter = ~pl.col("point_filter").fill_null(False)
         aggregate = pl.col("aggregate").fill_null(False)
         copy_out = (kind == _KIND_COPY_TO) | (
             (pl.col("action_code") == _CODE["copy"]) & (kind != _KIND_COPY_FROM)
@@ -290,6 +323,7 @@ class FeatureEngine:
             & (kind == _KIND_SELECT)
             & pl.col("sensitive").fill_null(False)
             & no_tenant_filter
+            & no_point_filter
             & ~aggregate,
             copy_out=copy_out,
             whole_read=(pl.col("tables").list.len().fill_null(0) == 1)
@@ -351,18 +385,28 @@ class FeatureEngine:
         mapped = column.replace_strict(uniq, ids, default=0, return_dtype=pl.Int64)
         return np.ascontiguousarray(mapped.to_numpy())
 
-    def _principal_index(self, users: pl.Series) -> np.ndarray:
+    def _principal_index(self, users: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """Per event: the state row of its principal and of the principal's peer group (-1:
+        none). A peer group has a state row of its own, named ``PEER_PREFIX + group``."""
         batch = users.unique(maintain_order=True).to_list()
         for name in batch:
             if name not in self.principals_:
                 self.principals_[name] = len(self.principals_)
+                group = self.settings.peer_group(name)
+                if group is not None and PEER_PREFIX + group not in self.principals_:
+                    self.principals_[PEER_PREFIX + group] = len(self.principals_)
         grow = len(self.principals_) - self.state_.shape[0]
         if grow > 0:
             self._grow(max(grow, self.state_.shape[0] // 2, 64))
         # map only this batch's principals: the cost follows the batch, not the population
         rows = [self.principals_[name] for name in batch]
+        peers = []
+        for name in batch:
+            group = self.settings.peer_group(name)
+            peers.append(self.principals_[PEER_PREFIX + group] if group is not None else -1)
         idx = users.replace_strict(batch, rows, return_dtype=pl.Int64)
-        return np.ascontiguousarray(idx.to_numpy())
+        peer = users.replace_strict(batch, peers, return_dtype=pl.Int64)
+        return np.ascontiguousarray(idx.to_numpy()), np.ascontiguousarray(peer.to_numpy())
 
     def _grow(self, extra: int) -> None:
         """Add ``extra`` zeroed principal rows to the state and the daily highs."""
@@ -440,11 +484,6 @@ class FeatureEngine:
             )
         names: list[str] = meta["principals"]
         state = arrays["principal_state"]
-        if highs is None and state.shape == (len(names), K.LEGACY_N_STATE):
-            # written before the daily highs had an array of their own
-            ring = slice(K.LEGACY_S_HIGH0, K.LEGACY_S_HIGH0 + K.N_HIGH)
-            highs = state[:, ring]
-            state = np.delete(state, ring, axis=1)
         if (
             highs is None
             or state.shape != (len(names), K.N_STATE)

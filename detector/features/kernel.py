@@ -30,13 +30,22 @@ K_TABLE_PAIR: Final = 4
 K_FP_PAIR: Final = 5
 K_ADDR: Final = 6
 K_TABLE_SIZE: Final = 7
-N_KINDS: Final = 8
+K_SESSION: Final = 8  # (principal, session): decayed statements of the session
+K_SESSION_ROWS: Final = 9  # (principal, session): decayed sensitive rows of the session
+K_SESSION_SHAPES: Final = 10  # (principal, session): distinct statement shapes so far
+K_SESSION_FP: Final = 11  # (session, shape): the session ran this shape
+K_SESSION_TABLES: Final = 12  # (principal, session): distinct sensitive tables so far
+K_SESSION_TABLE: Final = 13  # (session, table): the session read this sensitive table
+K_SHAPE_SEEN: Final = 14  # (principal, shape): first seen (va) and last seen (ta)
+K_SHAPE_ANY: Final = 15  # (0, shape): first seen by any principal
+N_KINDS: Final = 16
 
 EMPTY: Final = np.int64(-(2**63))
 
 # --- action codes (index into detector.schema.ACTIONS) -------------------------------------
 A_READ: Final = 0
 A_COPY: Final = 4
+A_LOGIN: Final = 5
 A_LOGIN_FAILED: Final = 6
 
 # --- parameters (indices into the params vector) --------------------------------------------
@@ -44,7 +53,10 @@ P_TAU_RATE, P_TAU_1H, P_TAU_24H, P_TAU_TEN, P_W_TEN, P_W_TAB = 0, 1, 2, 3, 4, 5
 P_TAU_COV, P_TAU_FP, P_TAU_FAIL, P_TAU_BASE, P_TAU_HOUR, P_PAIR_EXPIRY = 6, 7, 8, 9, 10, 11
 P_WINDOW: Final = 12
 P_NOVELTY: Final = 13
-N_PARAMS: Final = 14
+P_TAU_SESSION: Final = 14
+P_SESSION_EXPIRY: Final = 15
+P_OFF_HOURS_SHARE: Final = 16
+N_PARAMS: Final = 17
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
 QUANTITIES: Final = (
@@ -58,12 +70,20 @@ QUANTITIES: Final = (
     "fingerprint_repeats_1h",  # log1p(repetitions of this statement shape in ~1 h)
     "table_coverage",  # log10(1 + 1e4 * rows read from this table in ~3 h / table size)
     "offset",  # log1p(OFFSET value)
+    "session_statements",  # log1p(decayed statements of this session, tau 1 h)
+    "session_shapes",  # log1p(distinct statement shapes this session ran)
+    "session_sensitive_rows",  # log1p(decayed rows this session read from sensitive tables)
+    "session_sensitive_tables",  # log1p(distinct sensitive tables this session read)
+    "off_hours_sensitive_rows",  # session_sensitive_rows, in an hour the principal rarely works
     # habits, compared with how often the principal does them
     "aggregate_all_tenants",  # 0/1: aggregate or GROUP BY over tenants, no tenant filter
     "bulk_sensitive_read",  # 0/1: sensitive table read without a tenant filter
     "copy_out",  # 0/1: COPY ... TO / dump
     "new_address",  # 0/1: address first seen for this principal within the last day
     "new_client_app",  # 0/1: client app first seen for this principal within the last day
+    "new_shape",  # 0/1: statement shape first run by this principal within the last day
+    "new_shape_sensitive",  # 0/1: the same, on a sensitive table
+    "new_shape_anyone",  # 0/1: statement shape first run by any principal within the last day
 )
 NB: Final = len(QUANTITIES)
 (
@@ -76,11 +96,19 @@ NB: Final = len(QUANTITIES)
     Q_FP,
     Q_COV,
     Q_OFF,
+    Q_SESS,
+    Q_SESS_SHAPES,
+    Q_SESS_ROWS,
+    Q_SESS_TABLES,
+    Q_OFF_ROWS,
     Q_AGG,
     Q_BULK,
     Q_COPY,
     Q_NADDR,
     Q_NAPP,
+    Q_NSHAPE,
+    Q_NSHAPE_SENS,
+    Q_NSHAPE_ANY,
 ) = range(NB)
 NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest are habits
 
@@ -101,10 +129,6 @@ N_STATE: Final = S_HIST0 + 24
 #: value is rounded once, when its window closes, so batching still cannot change a result.
 N_HIGH: Final = HIGH_DAYS * NC
 HIGH_DTYPE: Final = np.float32
-#: Where the ring sat inside the state row before it had an array of its own (engine 5
-#: state files written until then hold it there; the loader moves it).
-LEGACY_S_HIGH0: Final = 13
-LEGACY_N_STATE: Final = N_STATE + N_HIGH
 
 
 # --- extra output columns after the 2 * NB (value, typical) pairs ---------------------------
@@ -163,6 +187,22 @@ def _find(keys: np.ndarray, key: np.int64) -> int:  # pragma: no cover - compile
         i = (i + 1) & mask
 
 
+@njit(cache=True, inline="always")
+def _decayed(
+    keys: np.ndarray, ta: np.ndarray, va: np.ndarray, j: int, now: float, tau: float, expiry: float
+) -> float:  # pragma: no cover - compiled
+    """The decayed value of entry ``j`` at ``now`` (0 when absent or expired)."""
+    if keys[j] == EMPTY or now - ta[j] > expiry:
+        return 0.0
+    return float(va[j] * math.exp(-max(0.0, now - ta[j]) / tau))
+
+
+@njit(cache=True, inline="always")
+def _live(keys: np.ndarray, ta: np.ndarray, j: int, now: float, expiry: float) -> bool:
+    """Whether entry ``j`` is present and not expired at ``now``."""  # pragma: no cover
+    return bool(keys[j] != EMPTY and now - ta[j] <= expiry)
+
+
 @njit(cache=True)
 def rebuild(
     keys: np.ndarray,
@@ -199,9 +239,11 @@ def rebuild(
 def run(
     t: np.ndarray,
     pidx: np.ndarray,
+    peer: np.ndarray,
     addr: np.ndarray,
     app: np.ndarray,
     tenant: np.ndarray,
+    session: np.ndarray,
     table: np.ndarray,
     fp: np.ndarray,
     action: np.ndarray,
@@ -233,9 +275,10 @@ def run(
     out = np.empty((n, N_OUT), dtype=np.float64)
     vals = np.empty(NB, dtype=np.float64)
     for i in range(n):
-        if 2 * (size + 8) > keys.shape[0]:
+        if 2 * (size + 24) > keys.shape[0]:  # an event adds at most 16 entries
             keys, kinds, ta, va, size = rebuild(keys, kinds, ta, va, expiry, t[i], 0)
         p = pidx[i]
+        g = peer[i]  # the row of the principal's peer group, or -1
         now = t[i]
         new_principal = ps[p, S_SEEN] == 0.0
         dt = 0.0 if new_principal else max(0.0, now - ps[p, S_LAST_T])
@@ -338,6 +381,115 @@ def run(
             va[j] = repeats
             ta[j] = max(ta[j], now) if prev > 0.0 else now
 
+        # the session: statements, shapes, sensitive rows and tables, against the principal's
+        # usual sessions (decayed counts follow a pooled connection's recent hour; the distinct
+        # counts last while the session does)
+        statement = action[i] != A_LOGIN and action[i] != A_LOGIN_FAILED
+        sess_n = 0.0
+        sess_shapes = 0.0
+        sess_rows = 0.0
+        sess_tables = 0.0
+        if session[i] != 0:
+            sexp = params[P_SESSION_EXPIRY]
+            tau_s = params[P_TAU_SESSION]
+            skey = pair_key(K_SESSION, p, session[i])
+            j = _find(keys, skey)
+            sess_n = _decayed(keys, ta, va, j, now, tau_s, sexp) + (1.0 if statement else 0.0)
+            if keys[j] == EMPTY:
+                keys[j] = skey
+                kinds[j] = K_SESSION
+                size += 1
+            va[j] = sess_n
+            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
+            k = pair_key(K_SESSION_ROWS, p, session[i])
+            j = _find(keys, k)
+            sess_rows = _decayed(keys, ta, va, j, now, tau_s, sexp)
+            if known_rows and reading and sensitive[i]:
+                sess_rows += r
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_SESSION_ROWS
+                size += 1
+            va[j] = sess_rows
+            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
+            # distinct shapes of the session
+            k = pair_key(K_SESSION_SHAPES, p, session[i])
+            j = _find(keys, k)
+            sess_shapes = va[j] if _live(keys, ta, j, now, sexp) else 0.0
+            if statement and fp[i] != 0:
+                kf = pair_key(K_SESSION_FP, int(skey), fp[i])
+                jf = _find(keys, kf)
+                if not _live(keys, ta, jf, now, sexp):
+                    sess_shapes += 1.0
+                if keys[jf] == EMPTY:
+                    keys[jf] = kf
+                    kinds[jf] = K_SESSION_FP
+                    size += 1
+                ta[jf] = max(ta[jf], now)
+                j = _find(keys, k)  # the probe sequence may have changed with the insert
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_SESSION_SHAPES
+                size += 1
+            va[j] = sess_shapes
+            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
+            # distinct sensitive tables of the session
+            k = pair_key(K_SESSION_TABLES, p, session[i])
+            j = _find(keys, k)
+            sess_tables = va[j] if _live(keys, ta, j, now, sexp) else 0.0
+            if reading and sensitive[i] and table[i] != 0:
+                kt = pair_key(K_SESSION_TABLE, int(skey), table[i])
+                jt = _find(keys, kt)
+                if not _live(keys, ta, jt, now, sexp):
+                    sess_tables += 1.0
+                if keys[jt] == EMPTY:
+                    keys[jt] = kt
+                    kinds[jt] = K_SESSION_TABLE
+                    size += 1
+                ta[jt] = max(ta[jt], now)
+                j = _find(keys, k)
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_SESSION_TABLES
+                size += 1
+            va[j] = sess_tables
+            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
+
+        # statement-shape vocabulary: a shape this principal (or anyone) first ran within the
+        # last day
+        new_shape = 0.0
+        new_shape_any = 0.0
+        if fp[i] != 0 and statement:
+            k = pair_key(K_SHAPE_SEEN, p, fp[i])
+            j = _find(keys, k)
+            if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
+                va[j] = now
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_SHAPE_SEEN
+                size += 1
+            ta[j] = max(ta[j], now)
+            new_shape = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
+            k = pair_key(K_SHAPE_ANY, 0, fp[i])
+            j = _find(keys, k)
+            if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
+                va[j] = now
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_SHAPE_ANY
+                size += 1
+            ta[j] = max(ta[j], now)
+            new_shape_any = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
+
+        # everything is new to a principal in its first day: novelty of addresses, clients
+        # and shapes counts from then on (the principal's own youth is a feature of its own)
+        young = new_principal or now - ps[p, S_FIRST_T] < params[P_NOVELTY]
+        if young:
+            new_addr = 0.0
+            new_app = 0.0
+            new_shape = 0.0
+            new_shape_any = 0.0
+
         # failed logins per address and per principal
         fails_addr = 0.0
         failed = action[i] == A_LOGIN_FAILED
@@ -381,11 +533,20 @@ def run(
         vals[Q_FP] = math.log1p(repeats)
         vals[Q_COV] = math.log10(1.0 + COV_SCALE * coverage)
         vals[Q_OFF] = math.log1p(offset[i]) if not math.isnan(offset[i]) else 0.0
+        vals[Q_SESS] = math.log1p(sess_n)
+        vals[Q_SESS_SHAPES] = math.log1p(sess_shapes)
+        vals[Q_SESS_ROWS] = math.log1p(sess_rows)
+        vals[Q_SESS_TABLES] = math.log1p(sess_tables)
+        rare_hour = total > 0.0 and 24.0 * share < params[P_OFF_HOURS_SHARE]
+        vals[Q_OFF_ROWS] = math.log1p(sess_rows) if rare_hour else 0.0
         vals[Q_AGG] = 1.0 if agg_all[i] else 0.0
         vals[Q_BULK] = 1.0 if bulk[i] else 0.0
         vals[Q_COPY] = 1.0 if copy_out[i] else 0.0
         vals[Q_NADDR] = new_addr
         vals[Q_NAPP] = new_app
+        vals[Q_NSHAPE] = new_shape
+        vals[Q_NSHAPE_SENS] = new_shape if sensitive[i] else 0.0
+        vals[Q_NSHAPE_ANY] = new_shape_any
         bdecay = math.exp(-dt / params[P_TAU_BASE])
         # Counts and volumes: the previous high, the maximum over the principal's last
         # HIGH_DAYS active days of windows that have closed (a quiet fortnight does not erase
@@ -402,36 +563,65 @@ def run(
                 ps[p, S_SLOT] = (ps[p, S_SLOT] + 1.0) % HIGH_DAYS
                 ps[p, S_LAST_DAY] = day
             base = int(ps[p, S_SLOT]) * NC
+            # the peer group's ring takes the highs of all its members' closed windows
+            g_fresh = g >= 0 and day > ps[g, S_LAST_DAY]
+            if g_fresh:
+                ps[g, S_SLOT] = (ps[g, S_SLOT] + 1.0) % HIGH_DAYS
+                ps[g, S_LAST_DAY] = day
+            gbase = int(ps[g, S_SLOT]) * NC if g >= 0 else 0
             for q in range(NC):
                 whigh = ps[p, S_WHIGH0 + q]
                 if fresh_day or whigh > highs[p, base + q]:
                     highs[p, base + q] = whigh
+                if g >= 0 and (g_fresh or whigh > highs[g, gbase + q]):
+                    highs[g, gbase + q] = whigh
                 ps[p, S_WHIGH0 + q] = 0.0
             ps[p, S_WIN_START] = now
         history = ps[p, S_LAST_DAY] >= 0.0
+        # a principal in its first day is compared with its peers as well (the highest of
+        # their closed windows, their habits), when it has peers with a history
+        peers = young and g >= 0 and ps[g, S_LAST_DAY] > 0.0
         for q in range(NC):
             high = 0.0
             for d in range(HIGH_DAYS):
                 high = max(high, float(highs[p, d * NC + q]))
+            if peers:
+                for d in range(HIGH_DAYS):
+                    high = max(high, float(highs[g, d * NC + q]))
             out[i, 2 * q] = vals[q]
-            out[i, 2 * q + 1] = high if history else math.nan
+            out[i, 2 * q + 1] = high if history or peers else math.nan
             if not math.isnan(vals[q]):
                 ps[p, S_WHIGH0 + q] = max(ps[p, S_WHIGH0 + q], vals[q])
         # Habits: how often the principal does this, a decayed event-weighted share.
         ps[p, S_BASE_W] *= bdecay
+        if g >= 0:
+            gdt = max(0.0, now - ps[g, S_LAST_T]) if ps[g, S_SEEN] > 0.0 else 0.0
+            ps[g, S_LAST_T] = max(ps[g, S_LAST_T], now)
+            ps[g, S_SEEN] += 1.0
+            gdecay = math.exp(-gdt / params[P_TAU_BASE])
+            ps[g, S_BASE_W] *= gdecay
         for q in range(NC, NB):
             ps[p, S_RATE0 + q - NC] *= bdecay
             weight = ps[p, S_BASE_W]
+            typical = ps[p, S_RATE0 + q - NC] / weight if weight > 0.0 else math.nan
+            if g >= 0:
+                ps[g, S_RATE0 + q - NC] *= gdecay
+                if peers and ps[g, S_BASE_W] > 0.0:
+                    peer_share = ps[g, S_RATE0 + q - NC] / ps[g, S_BASE_W]
+                    typical = peer_share if math.isnan(typical) else max(typical, peer_share)
+                ps[g, S_RATE0 + q - NC] += vals[q]
             out[i, 2 * q] = vals[q]
-            out[i, 2 * q + 1] = ps[p, S_RATE0 + q - NC] / weight if weight > 0.0 else math.nan
+            out[i, 2 * q + 1] = typical
             ps[p, S_RATE0 + q - NC] += vals[q]
         ps[p, S_BASE_W] += 1.0
+        if g >= 0:
+            ps[g, S_BASE_W] += 1.0
 
         out[i, O_OFF_HOURS] = 1.0 - min(1.0, 24.0 * share) if total > 0.0 else 0.0
         out[i, O_HOUR_SHARE] = share
         out[i, O_FAIL_ADDR] = math.log1p(fails_addr)
         out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL])
-        out[i, O_NEW_PRINCIPAL] = 1.0 if new_principal else 0.0
+        out[i, O_NEW_PRINCIPAL] = 1.0 if young else 0.0
         out[i, O_COVERAGE] = coverage
         out[i, O_TABLE_ROWS] = tsize
     return out, keys, kinds, ta, va, size
@@ -447,4 +637,15 @@ def default_expiry(params: np.ndarray) -> np.ndarray:
     exp_[K_FP_PAIR] = 8.0 * params[P_TAU_FP]
     exp_[K_ADDR] = 8.0 * params[P_TAU_FAIL]
     exp_[K_TABLE_SIZE] = np.inf
+    for kind in (
+        K_SESSION,
+        K_SESSION_ROWS,
+        K_SESSION_SHAPES,
+        K_SESSION_FP,
+        K_SESSION_TABLES,
+        K_SESSION_TABLE,
+    ):
+        exp_[kind] = params[P_SESSION_EXPIRY]
+    exp_[K_SHAPE_SEEN] = params[P_PAIR_EXPIRY]
+    exp_[K_SHAPE_ANY] = params[P_PAIR_EXPIRY]
     return exp_

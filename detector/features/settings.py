@@ -5,7 +5,9 @@ of these makes older models refuse to load against this engine."""
 from __future__ import annotations
 
 import fnmatch
+import re
 from functools import lru_cache
+from typing import Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +65,17 @@ class FeatureSettings(BaseModel):
     baseline_days: float = Field(
         7.0, gt=0, description="Time constant of each principal's own baseline."
     )
+    peer_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Peer groups: group name -> glob patterns over principal names. A "
+        "principal in its first day is compared with its group's habits and highs as well as "
+        "its own. Principals matching no pattern whose names end in a number (analyst_4, "
+        "support-12) form a group by the name without it; others have no peers.",
+    )
+
+    def peer_group(self, principal: str) -> str | None:
+        """The peer group of ``principal`` (None: no peers)."""
+        return _peer_group(principal, tuple((g, tuple(p)) for g, p in self.peer_groups.items()))
 
     def table_class(self, table: str) -> int:
         """Bitmask of the classes ``table`` belongs to (bit i = i-th class in sorted order)."""
@@ -77,6 +90,18 @@ class FeatureSettings(BaseModel):
 
     def _patterns(self) -> tuple[tuple[str, ...], ...]:
         return tuple(tuple(p.lower() for p in self.table_classes[c]) for c in self.class_names())
+
+
+_NUMBERED: Final = re.compile(r"^(.*?[A-Za-z].*?)[_\-.]?[0-9]+$")
+
+
+@lru_cache(maxsize=65536)
+def _peer_group(principal: str, groups: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
+    for group, patterns in groups:
+        if any(fnmatch.fnmatchcase(principal, p) for p in patterns):
+            return group
+    numbered = _NUMBERED.match(principal)
+    return numbered.group(1) if numbered else None
 
 
 @lru_cache(maxsize=65536)

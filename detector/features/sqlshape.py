@@ -57,6 +57,7 @@ class Shape:
     select_star: bool
     has_where: bool
     tenant_filter: bool
+    point_filter: bool  # WHERE pins a column to one value (literal or bound parameter)
     has_limit: bool
     has_offset: bool
     aggregate: bool
@@ -66,10 +67,32 @@ class Shape:
 SHAPE_COLUMNS: Final = tuple(f.name for f in fields(Shape))
 
 
-def row_fingerprint_expr(column: str = "statement_text") -> pl.Expr:
-    """Vectorised per-row key: hash of the text with literals replaced (null text -> null)."""
+#: SQL dialects statements are read in, by the canonical ``db_system`` (default: postgres).
+DIALECTS: Final = ("postgres", "mysql")
+_DIALECT_OF_SYSTEM: Final = {"mariadb": 1, "mysql": 1}
+#: Mixed into the row key of statements read as MySQL, so each dialect has its own shapes.
+_DIALECT_SALT: Final = 0x5BD1E9955BD1E995
+
+
+def dialect_expr(column: str = "db_system") -> pl.Expr:
+    """Index into :data:`DIALECTS` of each row's SQL dialect (PostgreSQL unless MariaDB or
+    MySQL)."""
+    return (
+        pl.col(column)
+        .str.to_lowercase()
+        .replace_strict(_DIALECT_OF_SYSTEM, default=0, return_dtype=pl.UInt8)
+        .fill_null(0)
+    )
+
+
+def row_fingerprint_expr(column: str = "statement_text", dialect: pl.Expr | None = None) -> pl.Expr:
+    """Vectorised per-row key: hash of the text with literals replaced, salted by dialect
+    (null text -> null)."""
     text = pl.col(column)
-    return pl.when(text.is_not_null()).then(text.str.replace_all(_ROW_NORMALISE, "?").hash(seed=0))
+    h = text.str.replace_all(_ROW_NORMALISE, "?").hash(seed=0)
+    if dialect is not None:
+        h = pl.when(dialect == 0).then(h).otherwise(h.xor(pl.lit(_DIALECT_SALT, pl.UInt64)))
+    return pl.when(text.is_not_null()).then(h)
 
 
 def normalise(text: str) -> str:
@@ -96,15 +119,19 @@ class ShapeCache:
         self._by_fingerprint: dict[int, Shape] = {}
         self.parses = 0
 
-    def shapes(self, row_hash: pl.Series, text: pl.Series) -> pl.DataFrame:
-        """Shape columns for each distinct ``row_hash`` in the batch (one row per hash)."""
-        uniq = pl.DataFrame({"h": row_hash, "t": text}).filter(pl.col("t").is_not_null())
+    def shapes(
+        self, row_hash: pl.Series, text: pl.Series, dialect: pl.Series | None = None
+    ) -> pl.DataFrame:
+        """Shape columns for each distinct ``row_hash`` in the batch (one row per hash);
+        ``dialect`` indexes :data:`DIALECTS` per row (PostgreSQL when not given)."""
+        d = dialect if dialect is not None else pl.Series("d", [0] * len(text), pl.UInt8)
+        uniq = pl.DataFrame({"h": row_hash, "t": text, "d": d}).filter(pl.col("t").is_not_null())
         uniq = uniq.unique(subset="h", keep="first", maintain_order=True)
         rows: list[Shape] = []
-        for h, t in uniq.iter_rows():
+        for h, t, dia in uniq.iter_rows():
             shape = self._by_row_hash.get(h)
             if shape is None:
-                shape = self._shape_of(t)
+                shape = self._shape_of(t, DIALECTS[dia])
                 self._by_row_hash[h] = shape
                 if len(self._by_row_hash) > self.max_entries:
                     self._by_row_hash.popitem(last=False)
@@ -119,14 +146,14 @@ class ShapeCache:
             schema={"h": pl.UInt64, **SHAPE_SCHEMA},
         )
 
-    def _shape_of(self, text: str) -> Shape:
+    def _shape_of(self, text: str, dialect: str = "postgres") -> Shape:
         norm = normalise(text)
-        fp = stable_hash(norm)
+        fp = stable_hash(norm if dialect == "postgres" else f"{dialect}:{norm}")
         cached = self._by_fingerprint.get(fp)
         if cached is not None:
             return cached
         self.parses += 1
-        shape = analyse(norm, fp, self.settings)
+        shape = analyse(norm, fp, self.settings, dialect)
         if len(self._by_fingerprint) >= self.max_entries:
             self._by_fingerprint.clear()
         self._by_fingerprint[fp] = shape
@@ -141,6 +168,7 @@ SHAPE_SCHEMA: Final[dict[str, pl.DataType]] = {
     "select_star": pl.Boolean(),
     "has_where": pl.Boolean(),
     "tenant_filter": pl.Boolean(),
+    "point_filter": pl.Boolean(),
     "has_limit": pl.Boolean(),
     "has_offset": pl.Boolean(),
     "aggregate": pl.Boolean(),
@@ -148,10 +176,13 @@ SHAPE_SCHEMA: Final[dict[str, pl.DataType]] = {
 }
 
 
-def analyse(norm: str, fingerprint: int, settings: FeatureSettings) -> Shape:
-    """Shape of one normalised statement. Never raises: unparsable text gets a text-only shape."""
+def analyse(
+    norm: str, fingerprint: int, settings: FeatureSettings, dialect: str = "postgres"
+) -> Shape:
+    """Shape of one normalised statement, read in ``dialect``. Never raises: unparsable text
+    gets a text-only shape."""
     try:
-        tree = sqlglot.parse_one(norm.replace("?", "0"), read="postgres")
+        tree = sqlglot.parse_one(norm.replace("?", "0"), read=dialect)
     except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, ValueError, RecursionError):
         tree = None
     if tree is None:
@@ -161,6 +192,7 @@ def analyse(norm: str, fingerprint: int, settings: FeatureSettings) -> Shape:
             KIND_CODES.index("copy_to" if copy_to else "other"),
             False,
             (),
+            False,
             False,
             False,
             False,
@@ -183,6 +215,7 @@ def analyse(norm: str, fingerprint: int, settings: FeatureSettings) -> Shape:
         select_star=select is not None and any(isinstance(e, exp.Star) for e in select.expressions),
         has_where=where is not None,
         tenant_filter=where is not None and _mentions_tenant(where, keys, tenant_table),
+        point_filter=where is not None and _pins_a_column(where),
         has_limit=select is not None and select.args.get("limit") is not None,
         has_offset=select is not None and select.args.get("offset") is not None,
         aggregate=select is not None and any(e.find(exp.AggFunc) for e in select.expressions),
@@ -220,6 +253,22 @@ def _tables(tree: exp.Expr) -> tuple[str, ...]:
         if name.lower() not in names:
             names.append(name.lower())
     return tuple(names)
+
+
+def _pins_a_column(where: exp.Expr) -> bool:
+    """Whether a WHERE clause holds ``column = value`` or ``column IN (values)``, with the
+    value a literal or a bound parameter: a lookup, not a sweep over the table."""
+    values = (exp.Literal, exp.Parameter, exp.Placeholder)
+    for eq in where.find_all(exp.EQ):
+        left, right = eq.left, eq.right
+        if (isinstance(left, exp.Column) and isinstance(right, values)) or (
+            isinstance(right, exp.Column) and isinstance(left, values)
+        ):
+            return True
+    for member in where.find_all(exp.In):
+        if isinstance(member.this, exp.Column) and member.expressions:
+            return True
+    return False
 
 
 def _mentions_tenant(node: exp.Expr, keys: set[str], tenant_table: bool) -> bool:

@@ -1,6 +1,7 @@
 """Versioned model artefacts: ``models/<name>/<version>/`` plus an alias file per name.
 
-A version directory holds ``model.npz`` (the forest as flat arrays, no pickled objects),
+A version directory holds ``model.npz`` (the grouped forests as flat arrays and their
+training score distributions, no pickled objects),
 ``metadata.json`` (feature spec and hash, library versions, training window, score quantiles,
 threshold), the feature state at the end of training (``state.npz``, ``state.json``) and
 ``SHA256SUMS``. Every file is checked against ``SHA256SUMS`` before anything is loaded.
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from detector.errors import ModelError
-from detector.scoring.forest import Forest
+from detector.scoring.ensemble import Ensemble
 
-FORMAT: Final = "exfilwatch-model/1"
+FORMAT: Final = "exfilwatch-model/2"
 FILES: Final = ("model.npz", "metadata.json", "state.npz", "state.json")
 SUMS: Final = "SHA256SUMS"
 _VERSION_RE: Final = re.compile(r"^v(\d+)$")
@@ -33,7 +34,7 @@ class Artefact:
     """A loaded, verified model version."""
 
     path: Path
-    forest: Forest
+    forest: Ensemble
     metadata: dict[str, Any]
 
     @property
@@ -72,7 +73,7 @@ def next_version(model_dir: Path) -> str:
 
 
 def write_version(
-    model_dir: Path, forest: Forest, metadata: dict[str, Any], state_writer: Any
+    model_dir: Path, forest: Ensemble, metadata: dict[str, Any], state_writer: Any
 ) -> Path:
     """Write a new version directory atomically (built aside, then renamed into place)."""
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ def load(ref: str | Path) -> Artefact:
         raise ModelError(f"bad metadata in {version_dir}: {exc}") from exc
     if metadata.get("format") != FORMAT:
         raise ModelError(f"{version_dir} is not an {FORMAT} artefact")
-    return Artefact(version_dir, Forest.load(version_dir / "model.npz"), metadata)
+    return Artefact(version_dir, Ensemble.load(version_dir / "model.npz"), metadata)
 
 
 def promote(model_dir: Path, version: str, alias: str = "current") -> Path:

@@ -93,6 +93,37 @@ def describe(
     if q in counters:
         actual, typical = _back(row.get(q)), _back(typ)
         return f"{_n(actual)} {counters[q]}; typical for {user}: {_n(typical)}", actual, typical
+    sessions = {
+        "session_statements": "statements in the last hour",
+        "session_shapes": "distinct statement shapes",
+        "session_sensitive_rows": "rows of sensitive tables in the last hour",
+        "session_sensitive_tables": "sensitive tables",
+    }
+    if q in sessions:
+        actual, typical = _back(row.get(q)), _back(typ)
+        return (
+            f"one session ran {_n(actual)} {sessions[q]}; {user}'s sessions run at most "
+            f"{_n(typical)}",
+            actual,
+            typical,
+        )
+    if q == "off_hours_sensitive_rows":
+        actual, typical = _back(row.get(q)), _back(typ)
+        t = row.get("event_time")
+        hour = f"{t.hour:02d}:00 UTC" if t is not None else "an hour"
+        return (
+            f"one session read {_n(actual)} rows of sensitive tables at {hour}, when {user} "
+            f"rarely works; its most at such hours: {_n(typical)}",
+            actual,
+            typical,
+        )
+    shapes = {
+        "new_shape": f"a statement shape {user} never ran",
+        "new_shape_sensitive": f"a statement shape {user} never ran, on {_table(row)}",
+        "new_shape_anyone": "a statement shape no principal ran before",
+    }
+    if q in shapes:
+        return f"{shapes[q]}; {user} runs new shapes in {_share(typ)}", 1.0, typ
     if q == "table_coverage":
         actual = float(row.get("coverage_ratio") or 0.0)
         typical = (10 ** float(typ) - 1) / 1e4 if typ is not None and not math.isnan(typ) else 0.0

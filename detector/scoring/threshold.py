@@ -1,17 +1,25 @@
 """Threshold policy: calibrate to an alert budget, and severity bands.
 
 The budget is in *incidents* per day, the unit a person pays for, not in events: the threshold
-is the lowest score at which grouping the held-back training data's anomalies into incidents
-gives at most ``budget * days`` of them.
+is the lowest score at which grouping the calibration data's anomalies into incidents gives at
+most ``budget * days`` of them. Weekdays and weekends are calibrated apart and the higher
+threshold holds, so a quiet weekend cannot set a bar that floods the weekdays.
+
+Scores are surprise in log10 units (see detector.scoring.ensemble), so the bands mean a
+rarity: ``medium`` is ten times rarer in normal traffic than the alert threshold, ``high``
+a hundred times; ``critical`` is high and heavy (a large share of a sensitive table or a
+large volume).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,7 @@ class Calibration:
     heldback_days: float
     heldback_incidents: int
     bands: dict[str, float]
+    regimes: dict[str, float] = field(default_factory=dict)  # regime -> its own threshold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,3 +80,68 @@ def severity(score: float, bands: dict[str, float], *, heavy: bool) -> str:
     if score >= bands["medium"]:
         return "high" if heavy else "medium"
     return "medium" if heavy else "low"
+
+
+#: Weekday numbers (ISO, Monday = 1) of the weekend regime.
+WEEKEND: tuple[int, ...] = (6, 7)
+#: A regime with less calibration time than this (days) does not set the threshold alone.
+MIN_REGIME_DAYS = 0.5
+
+
+def regime_days(times: pl.Series) -> dict[str, float]:
+    """Days of calibration time in each regime (``weekday``, ``weekend``): the span from the
+    first to the last time, cut at midnights (UTC)."""
+    start, end = times.min(), times.max()
+    if not isinstance(start, datetime) or not isinstance(end, datetime) or end <= start:
+        return {"weekday": 0.0, "weekend": 0.0}
+    out = {"weekday": 0.0, "weekend": 0.0}
+    day = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    while day < end:
+        nxt = day + timedelta(days=1)
+        covered = (min(nxt, end) - max(day, start)).total_seconds() / 86400.0
+        out["weekend" if day.isoweekday() in WEEKEND else "weekday"] += max(0.0, covered)
+        day = nxt
+    return out
+
+
+def calibrate_regimes(
+    scores: np.ndarray,
+    times: pl.Series,
+    incidents_at: Callable[[np.ndarray, float], int],
+    *,
+    regimes: dict[str, float],
+    budget_per_day: float,
+    floor: float = 2.0,
+) -> Calibration:
+    """The lowest threshold at which every regime with enough calibration time stays within
+    the budget; ``incidents_at(rows, t)`` counts incidents formed by the rows selected by the
+    boolean mask ``rows`` scoring >= t. The threshold is never below ``floor`` (surprise: one
+    row in a hundred)."""
+    weekend = times.dt.weekday().is_in(list(WEEKEND)).to_numpy()
+    masks = {"weekday": ~weekend, "weekend": weekend}
+    total_days = sum(regimes.values())
+    every = np.ones(scores.shape[0], dtype=bool)
+    per_regime: dict[str, float] = {}
+    for name, mask in masks.items():
+        days = regimes.get(name, 0.0)
+        if days < MIN_REGIME_DAYS or not mask.any():
+            continue
+        part = calibrate(
+            scores[mask],
+            lambda t, m=mask: incidents_at(m, t),  # type: ignore[misc]
+            days=days,
+            budget_per_day=budget_per_day,
+        )
+        per_regime[name] = part.value
+    if not per_regime:  # too little of either: calibrate over all of it
+        whole = calibrate(
+            scores,
+            lambda t: incidents_at(every, t),
+            days=max(total_days, 1e-6),
+            budget_per_day=budget_per_day,
+        )
+        per_regime["all"] = whole.value
+    value = max(floor, *per_regime.values())
+    bands = {"low": value, "medium": value + 1.0, "high": value + 2.0}
+    count = incidents_at(every, value)
+    return Calibration(value, budget_per_day, total_days, count, bands, per_regime)

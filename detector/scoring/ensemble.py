@@ -1,0 +1,293 @@
+"""The model: one isolation forest per group of evidence, each score turned into surprise.
+
+One forest over every feature dilutes a single strong signal: an isolation tree splits on a
+random feature, so a row that is extreme in one of 30 dimensions and usual in the rest is
+isolated no sooner than a row mildly unusual in several, and the strongest anomalies all reach
+the same shallow-path ceiling. Here the features are split into groups that carry one kind of
+evidence each (who and from where, how much, how wide, the session, the statement, the hour);
+each group gets its own forest, fitted on that group's columns of the same rows, and each
+feature keeps its own training distribution too (the explicit evidence weight of a signal
+alone: a first COPY is as rare as the history says, whatever the forest makes of it).
+
+A forest's score is then turned into **surprise**: -log10 of the share of training rows that
+scored at least as high (with +1 smoothing), so a group's value says "one training row in
+10^s looked like this"; a group's surprise is the larger of its forest's and that of its
+rarest feature alone, weighted by the group's **strength**: its strongest feature's value
+over the value at which that signal is at full strength (``plausible``: an excess of e-fold
+over the principal's previous high, a habit never done, ten failed logins), at most 1. A
+feature that is rarely above zero is rare at any value, so rarity alone would make a 1%
+excess as alarming as a whole-table read; rarity times strength does not. A row that is
+usual in a group (all its features zero: nothing in excess of the principal's own past) has
+surprise 0 there. Past the training range, where every forest score saturates, the surprise
+grows with how far each feature lies beyond its training maximum, so the strongest anomalies
+do not share one ceiling.
+
+``anomaly_score`` is the strongest group's surprise plus, from each other group, what its
+surprise has beyond :data:`NOISE` (one row in ten): independent kinds of evidence add up
+(a new address *and* a whole-table read), while rarities that one row in ten shows add
+nothing, so one group at full strength (one in the whole history) outranks a mix of mild ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from detector.errors import ModelError
+from detector.scoring.forest import ARRAYS, Forest, fit_forest, pad_quiet_dimensions
+
+#: Evidence groups over the model features (names as in detector.features.MODEL_FEATURES).
+GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    "access": (
+        "new_address_excess",
+        "new_client_app_excess",
+        "new_principal",
+        "failed_logins_address_1h",
+        "failed_logins_principal_1h",
+    ),
+    "volume": (
+        "rows_excess",
+        "sensitive_rows_1h_excess",
+        "sensitive_rows_24h_excess",
+        "table_coverage_excess",
+    ),
+    "breadth": (
+        "tenants_10m_excess",
+        "tables_1h_excess",
+        "rate_5m_excess",
+        "fingerprint_repeats_1h_excess",
+        "offset_excess",
+    ),
+    "session": (
+        "session_statements_excess",
+        "session_shapes_excess",
+        "session_sensitive_rows_excess",
+        "session_sensitive_tables_excess",
+    ),
+    "statement": (
+        "aggregate_all_tenants_excess",
+        "bulk_sensitive_read_excess",
+        "copy_out_excess",
+        "new_shape_excess",
+        "new_shape_sensitive_excess",
+        "new_shape_anyone_excess",
+    ),
+    "hour": ("off_hours", "off_hours_sensitive_rows_excess"),
+}
+
+#: Surprise (log10) that one row in ten reaches: a second group adds only what it has beyond.
+NOISE: Final = 1.0
+
+#: Each group keeps its training scores as this many quantiles, plus the highest ones exactly.
+QUANTILE_POINTS: Final = 1025
+TOP_POINTS: Final = 4096
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Grouped forests and their training score distributions. ``score`` is the one verb."""
+
+    names: tuple[str, ...]  # group names
+    columns: tuple[np.ndarray, ...]  # per group: indices into the feature matrix
+    forests: tuple[Forest, ...]
+    quantiles: tuple[np.ndarray, ...]  # per group: training score quantiles (ascending)
+    tops: tuple[np.ndarray, ...]  # per group: the highest training scores, exactly (ascending)
+    rows: int  # training rows the distributions stand for
+    marginal_quantiles: np.ndarray  # features x QUANTILE_POINTS: each feature's quantiles
+    marginal_tops: np.ndarray  # features x k: each feature's highest training values
+    full: np.ndarray  # per feature: the value at which a signal is at full strength
+    reach: np.ndarray  # per feature: training maximum + plausible value (extrapolation unit)
+    top: np.ndarray  # per feature: training maximum
+    n_features: int
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """anomaly_score per row (0 = usual everywhere); see the module docstring."""
+        return combine(self.surprises(X))
+
+    def surprises(self, X: np.ndarray) -> np.ndarray:
+        """Surprise per row and group (n x groups), in log10 units."""
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ModelError(f"expected {self.n_features} feature columns, got {X.shape}")
+        out = np.zeros((X.shape[0], len(self.names)))
+        beyond = np.maximum(0.0, X - self.top) / self.reach
+        marginal = np.zeros_like(X, dtype=np.float64)
+        for f in range(self.n_features):
+            x = X[:, f]
+            on = x > 0
+            if on.any():
+                count = _count_at_least(
+                    x[on], self.marginal_quantiles[f], self.marginal_tops[f], self.rows
+                )
+                marginal[on, f] = -np.log10((count + 1.0) / (self.rows + 1.0))
+        for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
+            Xg = X[:, cols]
+            busy = Xg.any(axis=1)
+            if not busy.any():
+                continue
+            s = forest.score(np.ascontiguousarray(Xg[busy]))
+            count = _count_at_least(s, self.quantiles[g], self.tops[g], self.rows)
+            joint = -np.log10((count + 1.0) / (self.rows + 1.0))
+            alone = marginal[busy][:, cols].max(axis=1)
+            strength = np.minimum(1.0, (Xg[busy] / self.full[cols]).max(axis=1))
+            out[busy, g] = strength * np.maximum(joint, alone) + np.log10(
+                1.0 + beyond[busy][:, cols].sum(axis=1)
+            )
+        return out
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, np.ndarray] = {
+            "names": np.array(self.names),
+            "rows": np.array(self.rows),
+            "marginal_quantiles": self.marginal_quantiles,
+            "marginal_tops": self.marginal_tops,
+            "full": self.full,
+            "reach": self.reach,
+            "top": self.top,
+            "n_features": np.array(self.n_features),
+        }
+        for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
+            arrays[f"g{g}_columns"] = cols
+            arrays[f"g{g}_quantiles"] = self.quantiles[g]
+            arrays[f"g{g}_top"] = self.tops[g]
+            for name in ARRAYS:
+                arrays[f"g{g}_{name}"] = getattr(forest, name)
+            arrays[f"g{g}_meta"] = np.array(
+                [forest.depth, forest.denominator, forest.n_features], dtype=np.float64
+            )
+        with path.open("wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path) -> Ensemble:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = tuple(str(n) for n in z["names"])
+                n_features = int(z["n_features"])
+                columns, forests, quantiles, tops = [], [], [], []
+                for g in range(len(names)):
+                    depth, denominator, nf = z[f"g{g}_meta"]
+                    forest = Forest(
+                        **{name: np.ascontiguousarray(z[f"g{g}_{name}"]) for name in ARRAYS},
+                        depth=int(depth),
+                        denominator=float(denominator),
+                        n_features=int(nf),
+                    )
+                    forest.check()
+                    cols = np.ascontiguousarray(z[f"g{g}_columns"], dtype=np.int64)
+                    if cols.size != forest.n_features or cols.min() < 0 or cols.max() >= n_features:
+                        raise ValueError(f"group {names[g]} columns out of range")
+                    columns.append(cols)
+                    forests.append(forest)
+                    quantiles.append(np.asarray(z[f"g{g}_quantiles"], dtype=np.float64))
+                    tops.append(np.asarray(z[f"g{g}_top"], dtype=np.float64))
+                ensemble = cls(
+                    names,
+                    tuple(columns),
+                    tuple(forests),
+                    tuple(quantiles),
+                    tuple(tops),
+                    int(z["rows"]),
+                    np.asarray(z["marginal_quantiles"], dtype=np.float64),
+                    np.asarray(z["marginal_tops"], dtype=np.float64),
+                    np.asarray(z["full"], dtype=np.float64),
+                    np.asarray(z["reach"], dtype=np.float64),
+                    np.asarray(z["top"], dtype=np.float64),
+                    n_features,
+                )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot read model {path}: {exc}") from exc
+        if (
+            ensemble.reach.shape != (n_features,)
+            or not np.all(ensemble.reach > 0)
+            or ensemble.full.shape != (n_features,)
+            or not np.all(ensemble.full > 0)
+            or ensemble.marginal_quantiles.shape[0] != n_features
+            or ensemble.marginal_tops.shape[0] != n_features
+        ):
+            raise ModelError(f"model {path} is inconsistent (corrupt or tampered artefact)")
+        return ensemble
+
+    @property
+    def n_trees(self) -> int:
+        return sum(f.n_trees for f in self.forests)
+
+
+def combine(surprises: np.ndarray) -> np.ndarray:
+    """The strongest group's surprise plus every other group's surprise beyond NOISE.
+
+    >>> combine(np.array([[3.0, 0.5, 1.5], [0.0, 0.0, 0.0]]))
+    array([3.5, 0. ])
+    """
+    if surprises.shape[1] == 0:
+        return np.zeros(surprises.shape[0])
+    strongest = surprises.max(axis=1)
+    extra = np.maximum(0.0, surprises - NOISE).sum(axis=1) - np.maximum(0.0, strongest - NOISE)
+    return np.asarray(strongest + extra)
+
+
+def _count_at_least(
+    scores: np.ndarray, quantiles: np.ndarray, top: np.ndarray, rows: int
+) -> np.ndarray:
+    """How many of the ``rows`` training rows scored at least each of ``scores``: exact among
+    the highest (``top``), from the quantiles below them."""
+    exact = top.size - np.searchsorted(top, scores, side="left")
+    if top.size == 0 or quantiles.size < 2:
+        return exact.astype(np.float64)
+    probs = np.linspace(0.0, 1.0, quantiles.size)
+    below = np.interp(scores, quantiles, probs, left=0.0, right=1.0)
+    approx = np.maximum(rows * (1.0 - below), float(top.size))
+    return np.where(scores > top[0], exact, approx).astype(np.float64)
+
+
+def fit_ensemble(
+    X: np.ndarray,
+    features: Sequence[str],
+    plausible: np.ndarray,
+    *,
+    n_trees: int = 100,
+    max_samples: int = 256,
+    seed: int = 0,
+) -> tuple[Ensemble, list[str]]:
+    """Fit one forest per group of :data:`GROUPS` on the columns of ``X`` named by
+    ``features``; returns the ensemble and the names of the padded quiet features."""
+    index = {name: j for j, name in enumerate(features)}
+    missing = [f for cols in GROUPS.values() for f in cols if f not in index]
+    grouped = {f for cols in GROUPS.values() for f in cols}
+    ungrouped = [f for f in features if f not in grouped]
+    if missing or ungrouped:
+        raise ModelError(f"feature groups do not match the features: {missing or ungrouped}")
+    columns, forests, quantiles, tops = [], [], [], []
+    padded: list[str] = []
+    for g, cols in enumerate(GROUPS.values()):
+        idx = np.array([index[c] for c in cols], dtype=np.int64)
+        Xg = np.ascontiguousarray(X[:, idx])
+        Xp, quiet = pad_quiet_dimensions(Xg, plausible[idx], seed=seed + g)
+        forest, _ = fit_forest(Xp, n_trees=n_trees, max_samples=max_samples, seed=seed + g)
+        s = np.sort(forest.score(Xg))  # every training row, idle ones included
+        columns.append(idx)
+        forests.append(forest)
+        quantiles.append(np.quantile(s, np.linspace(0.0, 1.0, QUANTILE_POINTS)))
+        tops.append(s[-TOP_POINTS:].astype(np.float64))
+        padded.extend(cols[j] for j in quiet)
+    top = X.max(axis=0) if X.shape[0] else np.zeros(X.shape[1])
+    reach = top + np.maximum(plausible, 1e-6)
+    ordered = np.sort(X, axis=0)
+    ensemble = Ensemble(
+        tuple(GROUPS),
+        tuple(columns),
+        tuple(forests),
+        tuple(quantiles),
+        tuple(tops),
+        int(X.shape[0]),
+        np.quantile(ordered, np.linspace(0.0, 1.0, QUANTILE_POINTS), axis=0).T.copy(),
+        ordered[-TOP_POINTS:].T.copy(),
+        np.maximum(plausible, 1e-6),
+        reach,
+        top,
+        X.shape[1],
+    )
+    return ensemble, padded
