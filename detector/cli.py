@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import date
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from detector import pipeline
 from detector.errors import ExfilwatchError
+from detector.lab.cli import lab_app
 from detector.quarantine import Quarantine
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ samples_app = typer.Typer(help="Labelled sample logs.", no_args_is_help=True)
 models_app = typer.Typer(help="Model versions and aliases.", no_args_is_help=True)
 app.add_typer(samples_app, name="samples")
 app.add_typer(models_app, name="models")
+app.add_typer(lab_app, name="lab")
 console = Console(stderr=True)
 out = Console()
 
@@ -196,6 +198,14 @@ def train(
     warmup_hours: Annotated[
         float, typer.Option(min=0.0, help="History that only builds state.")
     ] = 24.0,
+    until: Annotated[
+        datetime | None,
+        typer.Option(
+            help="Train on events before this time only (ISO 8601; UTC unless it says), e.g. "
+            "the first five days of a week of logs.",
+            formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"],
+        ),
+    ] = None,
     promote: Annotated[
         bool, typer.Option(help="Point the 'current' alias at the new version.")
     ] = False,
@@ -213,6 +223,7 @@ def train(
         warmup_hours=warmup_hours,
         false_alerts_per_day=false_alerts_per_day,
         exclude_labels=exclude_labels,
+        until=until if until is None or until.tzinfo else until.replace(tzinfo=UTC),
         promote=promote,
     )
     with Quarantine(quarantine) as q:

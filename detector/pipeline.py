@@ -40,7 +40,16 @@ from detector.sources.files import expand_paths, read_events
 #: Columns kept from each feature batch while training (features + what grouping needs).
 #: Calibration scores every training day with a model fitted without it, in this many folds.
 CALIBRATION_FOLDS: Final = 4
-_TRAIN_COLUMNS = ("event_time", "db_user", "action", "client_ip", "session_id", *MODEL_FEATURES)
+_TRAIN_COLUMNS = (
+    "event_time",
+    "db_user",
+    "action",
+    "client_ip",
+    "client_app",
+    "session_id",
+    "fingerprint",
+    *MODEL_FEATURES,
+)
 
 
 class Progress(Protocol):
@@ -85,6 +94,7 @@ class TrainOptions:
     gap_s: float = grouping.DEFAULT_GAP_S
     batch_rows: int = 100_000
     exclude_labels: Path | None = None
+    until: datetime | None = None  # train on events before this time only
     promote: bool = False
     settings: FeatureSettings = field(default_factory=lambda: FeatureSettings())
     reading: Reading = field(default_factory=Reading)
@@ -244,6 +254,9 @@ def train(
     quarantine = quarantine or Quarantine(None)
     engine = FeatureEngine(opts.settings)
     exclude = exclusion_filter(opts.exclude_labels) if opts.exclude_labels else None
+    if opts.until is not None:
+        late = pl.col("event_time") >= opts.until
+        exclude = late if exclude is None else exclude | late
     counts: Counter[str] = Counter()
     t_start = time.perf_counter()
     prog.start("replaying history", total_rows(paths))
@@ -323,6 +336,7 @@ def train(
     prog.finish()
     hb_scores = oof
     days = cal.heldback_days
+    habitual = habitual_work(fit.filter(pl.Series(oof >= cal.value)))
 
     quantiles = {
         f"p{q:g}": float(np.quantile(hb_scores, q / 100)) for q in (50, 90, 99, 99.9, 99.99)
@@ -357,6 +371,7 @@ def train(
         "score_quantiles_heldback": quantiles,
         "threshold": cal.to_dict(),
         "grouping": {"gap_s": opts.gap_s},
+        "habitual": habitual,
         "feature_stats": feature_stats(X_fit, MODEL_FEATURES),
     }
     version_dir = store.write_version(model_dir, model, metadata, engine.save_state)
@@ -377,6 +392,28 @@ def train(
         window=(t0.isoformat(), t1.isoformat()),
         seconds={"replay": t_replay, "fit": t_fit, "total": time.perf_counter() - t_start},
     )
+
+
+#: At most this many habitual (principal, address, client, statement shape) tuples are kept.
+MAX_HABITUAL: Final = 5000
+_HABIT_KEY: Final = ("db_user", "client_ip", "client_app", "fingerprint")
+
+
+def habitual_work(calibration_hits: pl.DataFrame) -> list[list[str]]:
+    """What the history did above the threshold, as (principal, address, client app,
+    statement shape) tuples: the training window is clean by definition, so work that scored
+    as an incident there (the month-end billing run of a week's history) is habitual, and the
+    same principal doing the same statement from the same address with the same client does
+    not raise an incident again. Anything else about an incident (a new address, another
+    client, another statement) still does."""
+    keys = (
+        calibration_hits.select(
+            *(pl.col(c).cast(pl.String).fill_null("") for c in _HABIT_KEY),
+        )
+        .unique(maintain_order=True)
+        .head(MAX_HABITUAL)
+    )
+    return [list(row) for row in keys.iter_rows()]
 
 
 def _libraries() -> dict[str, str]:
@@ -409,6 +446,12 @@ class Scorer:
         self.bands: dict[str, float] = meta["threshold"]["bands"]
         self.stats: dict[str, dict[str, float]] = meta["feature_stats"]
         self.gap_s = float(meta["grouping"]["gap_s"])
+        habitual = meta.get("habitual") or []
+        self.habitual = pl.DataFrame(
+            [tuple(h) for h in habitual], schema=dict.fromkeys(_HABIT_KEY, pl.String), orient="row"
+        )
+        #: Events above the threshold left out as habitual work (see habitual_work).
+        self.habitual_hits_ = 0
 
     def score(self, events: pl.DataFrame) -> pl.DataFrame:
         """Feature rows of ``events`` with ``anomaly_score`` (higher = more anomalous)."""
@@ -424,9 +467,20 @@ class Scorer:
         hit = scores >= self.threshold
         if since is not None and events.height:
             hit &= (events["event_time"] >= since).to_numpy()
-        return self.engine.frame(batch, hit).with_columns(
+        found = self.engine.frame(batch, hit).with_columns(
             anomaly_score=pl.Series(scores[hit], dtype=pl.Float64)
         )
+        if self.habitual.height and found.height:
+            key = [pl.col(c).cast(pl.String).fill_null("").alias(c) for c in _HABIT_KEY]
+            known = found.select(key).join(
+                self.habitual.with_columns(_known=pl.lit(True)),
+                on=list(_HABIT_KEY),
+                how="left",
+                maintain_order="left",
+            )["_known"].fill_null(False)
+            self.habitual_hits_ += int(known.sum())
+            found = found.filter(~known)
+        return found
 
     def explain(self, row: Any) -> dict[str, Any]:
         return explain(row, self.stats)

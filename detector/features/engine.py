@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -72,6 +73,7 @@ CONTEXT_COLUMNS: Final = (
     "client_app",
     "tenant_id",
     "statement_text",
+    "fingerprint",
 )
 
 #: Growth that is still usual: up to 1.5x a count's previous high is no excess (a growing
@@ -86,6 +88,11 @@ _ALLOWANCE: Final = np.array(
 
 _CODE: Final = {a: i for i, a in enumerate(ACTIONS)}
 _OFFSET_RE: Final = r"(?i)\boffset\s+([0-9]+)"
+#: ``id = <literal>`` on a tenant table names a tenant (a bound ``$1`` does not match).
+_TENANT_ID_RES: Final = (
+    r"(?i)(?:^|[^a-z0-9_])id\s*=\s*'([^']{1,64})'",
+    r"(?i)(?:^|[^a-z0-9_])id\s*=\s*([0-9]+)\b",
+)
 _KIND_SELECT: Final = KIND_CODES.index("select")
 _KIND_COPY_TO: Final = KIND_CODES.index("copy_to")
 _KIND_COPY_FROM: Final = KIND_CODES.index("copy_from")
@@ -198,7 +205,12 @@ class FeatureEngine:
         self.spec_hash = spec_hash(self.spec)
         self._shapes = ShapeCache(self.settings)
         self._hash_cache: dict[str, int] = {}
-        self._table_cache: dict[str, tuple[bool, int, float]] = {}
+        self._table_cache: dict[str, tuple[bool, int, float, bool]] = {}
+        keys = "|".join(re.escape(k) for k in self.settings.tenant_keys)
+        self._tenant_key_res = (
+            rf"(?i)\b(?:{keys})\s*=\s*'([^']{{1,64}})'",
+            rf"(?i)\b(?:{keys})\s*=\s*([0-9]+)\b",
+        )
         self.principals_: dict[str, int] = {}
         self.state_ = np.zeros((0, K.N_STATE))
         self.highs_ = np.zeros((0, K.N_HIGH), dtype=K.HIGH_DTYPE)
@@ -229,6 +241,9 @@ class FeatureEngine:
                 pl.Series("tables", [], pl.List(pl.String)),
             )
         prep = self._prepare(events)
+        events = events.with_columns(
+            tenant_id=self._tenants(events, prep), fingerprint=prep["fp"].cast(pl.Int64)
+        )
         cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
         pidx, peer = self._principal_index(events["db_user"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
@@ -332,7 +347,40 @@ class FeatureEngine:
             & ~aggregate
             & ((kind == _KIND_SELECT) | copy_out),
             has_offset=pl.col("has_offset").fill_null(False),
+            tenant_filter=pl.col("tenant_filter").fill_null(False),
+            tenant_table=pl.col("tenant_table").fill_null(False),
         )
+
+    def _tenants(self, events: pl.DataFrame, prep: pl.DataFrame) -> pl.Series:
+        """The tenant of each event: the source's, else the literal (a number or a quoted
+        string) its statement filters a tenant key by (``client_id = 42``, or ``id = 42`` on a
+        tenant table); a bound parameter (``client_id = $1``) or a join names none. Only rows
+        whose shape has a tenant filter are read."""
+        mask = prep["tenant_filter"].to_numpy() & events["tenant_id"].is_null().to_numpy()
+        if not mask.any():
+            return events["tenant_id"]
+        rows = pl.DataFrame(
+            {
+                "text": events["statement_text"].filter(pl.Series(mask)),
+                "tenant_table": prep["tenant_table"].filter(pl.Series(mask)),
+            }
+        )
+        found = rows.select(
+            pl.coalesce(
+                *(pl.col("text").str.extract(r, 1) for r in self._tenant_key_res),
+                *(
+                    pl.when(pl.col("tenant_table")).then(pl.col("text").str.extract(r, 1))
+                    for r in _TENANT_ID_RES
+                ),
+            )
+        ).to_series()
+        index = pl.Series(np.flatnonzero(mask)).cast(pl.Int64)
+        derived = (
+            pl.Series("tenant_id", [], pl.String)
+            .extend_constant(None, events.height)
+            .scatter(index, found)
+        )
+        return events["tenant_id"].fill_null(derived)
 
     def _table_info(self, keys: pl.Series) -> pl.DataFrame:
         """sensitive flag, primary table id and configured size per distinct table list."""
@@ -344,16 +392,18 @@ class FeatureEngine:
                 "sensitive": [i[0] for i in info],
                 "table_id": [i[1] for i in info],
                 "known_size": [i[2] for i in info],
+                "tenant_table": [i[3] for i in info],
             },
             schema={
                 "table_key": pl.String,
                 "sensitive": pl.Boolean,
                 "table_id": pl.Int64,
                 "known_size": pl.Float64,
+                "tenant_table": pl.Boolean,
             },
         )
 
-    def _table_entry(self, key: str) -> tuple[bool, int, float]:
+    def _table_entry(self, key: str) -> tuple[bool, int, float, bool]:
         hit = self._table_cache.get(key)
         if hit is not None:
             return hit
@@ -361,7 +411,12 @@ class FeatureEngine:
         sensitive = [t for t in tables if self.settings.table_class(t)]
         primary = (sensitive or tables or [""])[0]
         size = self.settings.table_rows.get(primary, float("nan"))
-        entry = (bool(sensitive), stable_hash(primary) if primary else 0, float(size))
+        entry = (
+            bool(sensitive),
+            stable_hash(primary) if primary else 0,
+            float(size),
+            any(self.settings.is_tenant_table(t) for t in tables),
+        )
         self._table_cache[key] = entry
         return entry
 

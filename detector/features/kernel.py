@@ -198,6 +198,14 @@ def _decayed(
 
 
 @njit(cache=True, inline="always")
+def _novel(first_seen: float, now: float, principal_first: float, novelty: float) -> float:
+    """1 when a thing was first seen within ``novelty`` of ``now`` and after the principal's
+    own first ``novelty`` (everything is new to a new principal: none of it counts)."""
+    fresh = now - first_seen < novelty and first_seen - principal_first >= novelty
+    return 1.0 if fresh else 0.0  # pragma: no cover - compiled
+
+
+@njit(cache=True, inline="always")
 def _live(keys: np.ndarray, ta: np.ndarray, j: int, now: float, expiry: float) -> bool:
     """Whether entry ``j`` is present and not expired at ``now``."""  # pragma: no cover
     return bool(keys[j] != EMPTY and now - ta[j] <= expiry)
@@ -306,7 +314,7 @@ def run(
                 kinds[j] = K_ADDR_PAIR
                 size += 1
             ta[j] = max(ta[j], now)
-            new_addr = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
+            new_addr = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
         new_app = 0.0
         if app[i] != 0:
             k = pair_key(K_APP_PAIR, p, app[i])
@@ -318,7 +326,7 @@ def run(
                 kinds[j] = K_APP_PAIR
                 size += 1
             ta[j] = max(ta[j], now)
-            new_app = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
+            new_app = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
 
         # distinct tenants in a short window
         if tenant[i] != 0:
@@ -469,7 +477,7 @@ def run(
                 kinds[j] = K_SHAPE_SEEN
                 size += 1
             ta[j] = max(ta[j], now)
-            new_shape = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
+            new_shape = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
             k = pair_key(K_SHAPE_ANY, 0, fp[i])
             j = _find(keys, k)
             if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
@@ -479,7 +487,7 @@ def run(
                 kinds[j] = K_SHAPE_ANY
                 size += 1
             ta[j] = max(ta[j], now)
-            new_shape_any = 1.0 if now - va[j] < params[P_NOVELTY] else 0.0
+            new_shape_any = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
 
         # everything is new to a principal in its first day: novelty of addresses, clients
         # and shapes counts from then on (the principal's own youth is a feature of its own)
@@ -520,8 +528,33 @@ def run(
         for h in range(24):
             ps[p, S_HIST0 + h] *= hdecay
             total += ps[p, S_HIST0 + h]
-        share = ps[p, S_HIST0 + hour[i]] / total if total > 0.0 else 1.0 / 24.0
+        # the share of the principal's activity in this hour and its two neighbours (a lunch
+        # hour inside a working day is not off-hours), per hour
+        near = (
+            ps[p, S_HIST0 + (hour[i] + 23) % 24]
+            + ps[p, S_HIST0 + hour[i]]
+            + ps[p, S_HIST0 + (hour[i] + 1) % 24]
+        )
+        share = near / (3.0 * total) if total > 0.0 else 1.0 / 24.0
         ps[p, S_HIST0 + hour[i]] += 1.0
+        # the peer group's hours count too: an hour the principal's peers work in is no
+        # off-hours for a principal whose own history is still thin
+        if g >= 0:
+            g_dt = max(0.0, now - ps[g, S_LAST_T]) if ps[g, S_SEEN] > 0.0 else 0.0
+            g_hdecay = math.exp(-g_dt / params[P_TAU_HOUR])
+            g_total = 0.0
+            for h in range(24):
+                ps[g, S_HIST0 + h] *= g_hdecay
+                g_total += ps[g, S_HIST0 + h]
+            if g_total > 0.0:
+                g_near = (
+                    ps[g, S_HIST0 + (hour[i] + 23) % 24]
+                    + ps[g, S_HIST0 + hour[i]]
+                    + ps[g, S_HIST0 + (hour[i] + 1) % 24]
+                )
+                share = max(share, g_near / (3.0 * g_total))
+                total = max(total, g_total)
+            ps[g, S_HIST0 + hour[i]] += 1.0
 
         # tracked quantities against the principal's own past (read before this event counts)
         vals[Q_ROWS] = math.log1p(r) if known_rows else math.nan
@@ -620,7 +653,9 @@ def run(
         out[i, O_OFF_HOURS] = 1.0 - min(1.0, 24.0 * share) if total > 0.0 else 0.0
         out[i, O_HOUR_SHARE] = share
         out[i, O_FAIL_ADDR] = math.log1p(fails_addr)
-        out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL])
+        # failed logins for the principal weigh on failed attempts and on what comes from a new
+        # address; the user's own next login from its usual place is the user
+        out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL]) if failed or new_addr > 0.0 else 0.0
         out[i, O_NEW_PRINCIPAL] = 1.0 if young else 0.0
         out[i, O_COVERAGE] = coverage
         out[i, O_TABLE_ROWS] = tsize

@@ -4,7 +4,7 @@ One forest over every feature dilutes a single strong signal: an isolation tree 
 random feature, so a row that is extreme in one of 30 dimensions and usual in the rest is
 isolated no sooner than a row mildly unusual in several, and the strongest anomalies all reach
 the same shallow-path ceiling. Here the features are split into groups that carry one kind of
-evidence each (who and from where, how much, how wide, the session, the statement, the hour);
+evidence each (who and from where, how much, how wide, what kind of statement, when);
 each group gets its own forest, fitted on that group's columns of the same rows, and each
 feature keeps its own training distribution too (the explicit evidence weight of a signal
 alone: a first COPY is as rare as the history says, whatever the forest makes of it).
@@ -42,6 +42,7 @@ from detector.scoring.forest import ARRAYS, Forest, fit_forest, pad_quiet_dimens
 
 #: Evidence groups over the model features (names as in detector.features.MODEL_FEATURES).
 GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    # who, from where, with what: new address, client or principal, failed logins
     "access": (
         "new_address_excess",
         "new_client_app_excess",
@@ -49,25 +50,27 @@ GROUPS: Final[dict[str, tuple[str, ...]]] = {
         "failed_logins_address_1h",
         "failed_logins_principal_1h",
     ),
-    "volume": (
+    # how much: rows and statements, per event, per window and per session (one kind of
+    # evidence: a bigger run of the usual is one fact, however many counters show it)
+    "amount": (
         "rows_excess",
         "sensitive_rows_1h_excess",
         "sensitive_rows_24h_excess",
         "table_coverage_excess",
+        "session_sensitive_rows_excess",
+        "rate_5m_excess",
+        "fingerprint_repeats_1h_excess",
+        "session_statements_excess",
+        "offset_excess",
     ),
+    # how wide: tenants, tables and shapes
     "breadth": (
         "tenants_10m_excess",
         "tables_1h_excess",
-        "rate_5m_excess",
-        "fingerprint_repeats_1h_excess",
-        "offset_excess",
-    ),
-    "session": (
-        "session_statements_excess",
         "session_shapes_excess",
-        "session_sensitive_rows_excess",
         "session_sensitive_tables_excess",
     ),
+    # what kind of statement: aggregates over all tenants, bulk reads, exports, new shapes
     "statement": (
         "aggregate_all_tenants_excess",
         "bulk_sensitive_read_excess",
@@ -76,6 +79,7 @@ GROUPS: Final[dict[str, tuple[str, ...]]] = {
         "new_shape_sensitive_excess",
         "new_shape_anyone_excess",
     ),
+    # when: an hour the principal rarely works, and what it reads then
     "hour": ("off_hours", "off_hours_sensitive_rows_excess"),
 }
 
