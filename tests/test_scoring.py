@@ -160,6 +160,34 @@ def test_explanation_names_actual_and_typical_values() -> None:
     assert [f["feature"] for f in ex["top_features"]] == ["rows_excess", "new_address_excess"]
 
 
+def test_explanation_names_the_session_and_one_new_shape() -> None:
+    names = [
+        "session_statements_excess",
+        "new_shape_excess",
+        "new_shape_sensitive_excess",
+        "new_shape_anyone_excess",
+    ]
+    stats = feature_stats(np.zeros((100, len(names))), names)
+    row = {
+        "db_user": "app_api",
+        "session_statements": np.log1p(240.0),
+        "session_statements_typical": np.log1p(6.0),
+        "session_statements_excess": 3.2,
+        "new_shape_excess": 1.0,
+        "new_shape_sensitive_excess": 1.0,
+        "new_shape_anyone_excess": 1.0,
+        "new_shape_anyone_typical": 0.0,
+        "tables": ["public.users"],
+    }
+    ex = explain(row, stats)
+    assert ex["reason"].startswith(
+        "one session ran 240 statements in the last hour; app_api's sessions run at most 6"
+    )
+    # three views of one fact (a new shape) are named once, the strongest
+    assert ex["reason"].count("statement shape") == 1
+    assert "no principal ran before" in ex["reason"]
+
+
 def test_scores_frame_is_independent_of_batch_size() -> None:
     rng = np.random.default_rng(6)
     forest, _ = fit_forest(rng.normal(size=(1000, 5)), n_trees=20)

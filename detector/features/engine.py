@@ -117,6 +117,7 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_TAU_SESSION] = 3600.0
     p[K.P_SESSION_EXPIRY] = 8 * 3600.0
     p[K.P_OFF_HOURS_SHARE] = 0.25
+    p[K.P_SETTLED] = 3 * 86400.0
     return p
 
 
@@ -153,8 +154,11 @@ def _model_matrix(out: np.ndarray) -> np.ndarray:
     columns."""
     values = out[:, 0 : 2 * K.NC : 2]
     typical = out[:, 1 : 2 * K.NC : 2]
+    # no past value: a count is compared with zero; a table's coverage with nothing (its
+    # size was unknown until now, so the principal's past coverage is unknown too)
     typical_or_none = np.where(np.isnan(typical), 0.0, typical)
     excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
+    excess[:, K.Q_COV] = np.where(np.isnan(typical[:, K.Q_COV]), 0.0, excess[:, K.Q_COV])
     return np.column_stack(
         [
             excess,
@@ -221,6 +225,9 @@ class FeatureEngine:
         self.size_ = 0
         self.events_seen_ = 0
         self.last_event_time_: float | None = None
+        #: The first event time the engine saw: principals there from the first day are not
+        #: "new principals", only unknown ones.
+        self.first_event_time_: float | None = None
         #: The model features of the last transformed batch as one float matrix (n x F).
         self.model_matrix_ = np.empty((0, len(MODEL_FEATURES)))
 
@@ -241,6 +248,8 @@ class FeatureEngine:
                 pl.Series("tables", [], pl.List(pl.String)),
             )
         prep = self._prepare(events)
+        if self.first_event_time_ is None:  # the first event in arrival order
+            self.first_event_time_ = float(prep["t"][0])
         events = events.with_columns(
             tenant_id=self._tenants(events, prep), fingerprint=prep["fp"].cast(pl.Int64)
         )
@@ -275,6 +284,7 @@ class FeatureEngine:
             self.size_,
             self.params,
             self.expiry,
+            self.first_event_time_,
         )
         self.events_seen_ += n
         batch_max = float(cols["t"].max())
@@ -518,6 +528,7 @@ class FeatureEngine:
             "table_size": self.size_,
             "events_seen": self.events_seen_,
             "last_event_time": self.last_event_time_,
+            "first_event_time": self.first_event_time_,
         }
         js = directory / "state.json"
         js.write_text(json.dumps(meta, indent=1))
@@ -555,3 +566,4 @@ class FeatureEngine:
         self.size_ = int(meta["table_size"])
         self.events_seen_ = int(meta["events_seen"])
         self.last_event_time_ = meta["last_event_time"]
+        self.first_event_time_ = meta.get("first_event_time")

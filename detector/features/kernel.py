@@ -56,7 +56,8 @@ P_NOVELTY: Final = 13
 P_TAU_SESSION: Final = 14
 P_SESSION_EXPIRY: Final = 15
 P_OFF_HOURS_SHARE: Final = 16
-N_PARAMS: Final = 17
+P_SETTLED: Final = 17  # a principal this old judges its hours by its own history alone
+N_PARAMS: Final = 18
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
 QUANTITIES: Final = (
@@ -120,7 +121,10 @@ S_LAST_DAY, S_SLOT = 11, 12  # day number of the current ring slot (-1: none yet
 S_WHIGH0: Final = 13  # NC highs within the current window
 S_RATE0: Final = S_WHIGH0 + NC  # NB - NC habit sums
 S_HIST0: Final = S_RATE0 + (NB - NC)  # 24 hour-of-day bins
-N_STATE: Final = S_HIST0 + 24
+S_SNAP_DAY: Final = S_HIST0 + 24  # day number of the habit snapshot (0: none yet)
+S_SNAP0: Final = S_SNAP_DAY + 1  # NB - NC habit shares as they stood when that day began
+S_HSNAP0: Final = S_SNAP0 + (NB - NC)  # 24 hour-of-day bins as they stood when it began
+N_STATE: Final = S_HSNAP0 + 24
 
 # --- per-principal daily highs, an array of their own ---------------------------------------
 #: HIGH_DAYS x NC daily highs (closed windows only), a ring of active days: six in seven of
@@ -154,6 +158,8 @@ OUT_COLUMNS: Final = tuple(
     [name for q in QUANTITIES for name in (q, f"{q}_typical")] + list(EXTRA_OUTPUTS)
 )
 COV_SCALE: Final = 1e4
+#: A window high or daily high that holds no known value yet (every known value is >= 0).
+UNKNOWN: Final = -1.0
 
 
 @njit(cache=True, inline="always")
@@ -273,6 +279,7 @@ def run(
     size: int,
     params: np.ndarray,
     expiry: np.ndarray,
+    stream_start: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """Compute the stateful features of one batch, updating the state in place.
 
@@ -492,6 +499,10 @@ def run(
         # everything is new to a principal in its first day: novelty of addresses, clients
         # and shapes counts from then on (the principal's own youth is a feature of its own)
         young = new_principal or now - ps[p, S_FIRST_T] < params[P_NOVELTY]
+        first_t = now if new_principal else ps[p, S_FIRST_T]
+        # a principal there from the stream's first day is not new, only not known yet
+        newcomer = young and first_t - stream_start >= params[P_NOVELTY]
+        settled = not new_principal and now - ps[p, S_FIRST_T] >= params[P_SETTLED]
         if young:
             new_addr = 0.0
             new_app = 0.0
@@ -522,18 +533,24 @@ def run(
             ps[p, S_SENS1H] += r
             ps[p, S_SENS24H] += r
 
-        # hour-of-day habit
+        # hour-of-day habit, judged by the bins as they stood when the day began (a night's
+        # session cannot make its own hour usual)
         hdecay = math.exp(-dt / params[P_TAU_HOUR])
-        total = 0.0
         for h in range(24):
             ps[p, S_HIST0 + h] *= hdecay
-            total += ps[p, S_HIST0 + h]
+        today = math.floor(now / 86400.0) + 1.0
+        if ps[p, S_SNAP_DAY] != today:
+            for h in range(24):
+                ps[p, S_HSNAP0 + h] = ps[p, S_HIST0 + h]
+        total = 0.0
+        for h in range(24):
+            total += ps[p, S_HSNAP0 + h]
         # the share of the principal's activity in this hour and its two neighbours (a lunch
         # hour inside a working day is not off-hours), per hour
         near = (
-            ps[p, S_HIST0 + (hour[i] + 23) % 24]
-            + ps[p, S_HIST0 + hour[i]]
-            + ps[p, S_HIST0 + (hour[i] + 1) % 24]
+            ps[p, S_HSNAP0 + (hour[i] + 23) % 24]
+            + ps[p, S_HSNAP0 + hour[i]]
+            + ps[p, S_HSNAP0 + (hour[i] + 1) % 24]
         )
         share = near / (3.0 * total) if total > 0.0 else 1.0 / 24.0
         ps[p, S_HIST0 + hour[i]] += 1.0
@@ -541,12 +558,13 @@ def run(
         # off-hours for a principal whose own history is still thin
         if g >= 0:
             g_dt = max(0.0, now - ps[g, S_LAST_T]) if ps[g, S_SEEN] > 0.0 else 0.0
+            thin = not settled
             g_hdecay = math.exp(-g_dt / params[P_TAU_HOUR])
             g_total = 0.0
             for h in range(24):
                 ps[g, S_HIST0 + h] *= g_hdecay
                 g_total += ps[g, S_HIST0 + h]
-            if g_total > 0.0:
+            if thin and g_total > 0.0:
                 g_near = (
                     ps[g, S_HIST0 + (hour[i] + 23) % 24]
                     + ps[g, S_HIST0 + hour[i]]
@@ -564,7 +582,8 @@ def run(
         vals[Q_TAB] = math.log1p(ps[p, S_TAB])
         vals[Q_RATE] = math.log1p(ps[p, S_RATE])
         vals[Q_FP] = math.log1p(repeats)
-        vals[Q_COV] = math.log10(1.0 + COV_SCALE * coverage)
+        # coverage of a table whose size is not known yet is unknown, not zero
+        vals[Q_COV] = math.log10(1.0 + COV_SCALE * coverage) if tsize > 0.0 else math.nan
         vals[Q_OFF] = math.log1p(offset[i]) if not math.isnan(offset[i]) else 0.0
         vals[Q_SESS] = math.log1p(sess_n)
         vals[Q_SESS_SHAPES] = math.log1p(sess_shapes)
@@ -589,6 +608,10 @@ def run(
             ps[p, S_WIN_START] = now
             ps[p, S_FIRST_T] = now
             ps[p, S_LAST_DAY] = -1.0
+            for q in range(NC):  # nothing known yet (a value is never below 0)
+                ps[p, S_WHIGH0 + q] = UNKNOWN
+                for d in range(HIGH_DAYS):
+                    highs[p, d * NC + q] = UNKNOWN
         elif now - ps[p, S_WIN_START] > params[P_WINDOW]:
             day = math.floor(ps[p, S_WIN_START] / 86400.0)
             fresh_day = ps[p, S_LAST_DAY] != day
@@ -608,25 +631,33 @@ def run(
                     highs[p, base + q] = whigh
                 if g >= 0 and (g_fresh or whigh > highs[g, gbase + q]):
                     highs[g, gbase + q] = whigh
-                ps[p, S_WHIGH0 + q] = 0.0
+                ps[p, S_WHIGH0 + q] = UNKNOWN
             ps[p, S_WIN_START] = now
         history = ps[p, S_LAST_DAY] >= 0.0
         # a principal in its first day is compared with its peers as well (the highest of
         # their closed windows, their habits), when it has peers with a history
         peers = young and g >= 0 and ps[g, S_LAST_DAY] > 0.0
         for q in range(NC):
-            high = 0.0
+            high = UNKNOWN
             for d in range(HIGH_DAYS):
                 high = max(high, float(highs[p, d * NC + q]))
             if peers:
                 for d in range(HIGH_DAYS):
                     high = max(high, float(highs[g, d * NC + q]))
             out[i, 2 * q] = vals[q]
-            out[i, 2 * q + 1] = high if history or peers else math.nan
+            # no known value in the past (rows of COPYs only, a table of unknown size): NaN
+            out[i, 2 * q + 1] = high if (history or peers) and high >= 0.0 else math.nan
             if not math.isnan(vals[q]):
                 ps[p, S_WHIGH0 + q] = max(ps[p, S_WHIGH0 + q], vals[q])
-        # Habits: how often the principal does this, a decayed event-weighted share.
+        # Habits: how often the principal does this, a decayed event-weighted share, as it
+        # stood when the day began (so a burst today cannot make itself habitual today).
         ps[p, S_BASE_W] *= bdecay
+        if ps[p, S_SNAP_DAY] != today:
+            ps[p, S_SNAP_DAY] = today
+            for q in range(NC, NB):
+                weight = ps[p, S_BASE_W]
+                rate = ps[p, S_RATE0 + q - NC] * bdecay
+                ps[p, S_SNAP0 + q - NC] = rate / weight if weight > 0.0 else math.nan
         if g >= 0:
             gdt = max(0.0, now - ps[g, S_LAST_T]) if ps[g, S_SEEN] > 0.0 else 0.0
             ps[g, S_LAST_T] = max(ps[g, S_LAST_T], now)
@@ -636,7 +667,9 @@ def run(
         for q in range(NC, NB):
             ps[p, S_RATE0 + q - NC] *= bdecay
             weight = ps[p, S_BASE_W]
-            typical = ps[p, S_RATE0 + q - NC] / weight if weight > 0.0 else math.nan
+            typical = ps[p, S_SNAP0 + q - NC]
+            if math.isnan(typical) and weight > 0.0:
+                typical = ps[p, S_RATE0 + q - NC] / weight
             if g >= 0:
                 ps[g, S_RATE0 + q - NC] *= gdecay
                 if peers and ps[g, S_BASE_W] > 0.0:
@@ -654,9 +687,11 @@ def run(
         out[i, O_HOUR_SHARE] = share
         out[i, O_FAIL_ADDR] = math.log1p(fails_addr)
         # failed logins for the principal weigh on failed attempts and on what comes from a new
-        # address; the user's own next login from its usual place is the user
-        out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL]) if failed or new_addr > 0.0 else 0.0
-        out[i, O_NEW_PRINCIPAL] = 1.0 if young else 0.0
+        # address (or for a principal too young to have usual addresses); the user's own next
+        # login from its usual place is the user
+        counts = failed or new_addr > 0.0 or young
+        out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL]) if counts else 0.0
+        out[i, O_NEW_PRINCIPAL] = 1.0 if newcomer else 0.0
         out[i, O_COVERAGE] = coverage
         out[i, O_TABLE_ROWS] = tsize
     return out, keys, kinds, ta, va, size

@@ -18,9 +18,9 @@ over the principal's previous high, a habit never done, ten failed logins), at m
 feature that is rarely above zero is rare at any value, so rarity alone would make a 1%
 excess as alarming as a whole-table read; rarity times strength does not. A row that is
 usual in a group (all its features zero: nothing in excess of the principal's own past) has
-surprise 0 there. Past the training range, where every forest score saturates, the surprise
-grows with how far each feature lies beyond its training maximum, so the strongest anomalies
-do not share one ceiling.
+surprise 0 there. Past the training range, where every forest score saturates, a feature's
+rarity follows an exponential tail fitted to its top training values, so it keeps growing with
+the value and the strongest anomalies do not share one ceiling.
 
 ``anomaly_score`` is the strongest group's surprise plus, from each other group, what its
 surprise has beyond :data:`NOISE` (one row in ten): independent kinds of evidence add up
@@ -104,8 +104,7 @@ class Ensemble:
     marginal_quantiles: np.ndarray  # features x QUANTILE_POINTS: each feature's quantiles
     marginal_tops: np.ndarray  # features x k: each feature's highest training values
     full: np.ndarray  # per feature: the value at which a signal is at full strength
-    reach: np.ndarray  # per feature: training maximum + plausible value (extrapolation unit)
-    top: np.ndarray  # per feature: training maximum
+    tail: np.ndarray  # features x 3: threshold u, scale and share of rows above u
     n_features: int
 
     def score(self, X: np.ndarray) -> np.ndarray:
@@ -117,7 +116,6 @@ class Ensemble:
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ModelError(f"expected {self.n_features} feature columns, got {X.shape}")
         out = np.zeros((X.shape[0], len(self.names)))
-        beyond = np.maximum(0.0, X - self.top) / self.reach
         marginal = np.zeros_like(X, dtype=np.float64)
         for f in range(self.n_features):
             x = X[:, f]
@@ -126,7 +124,12 @@ class Ensemble:
                 count = _count_at_least(
                     x[on], self.marginal_quantiles[f], self.marginal_tops[f], self.rows
                 )
-                marginal[on, f] = -np.log10((count + 1.0) / (self.rows + 1.0))
+                u, scale, share = self.tail[f]
+                empirical = -np.log10((count + 1.0) / (self.rows + 1.0))
+                # past the top of the training values an exponential tail fitted to them:
+                # the rarity keeps growing with the value instead of stopping at 1 in N
+                beyond = -np.log10(share) + (x[on] - u) / (scale * np.log(10.0))
+                marginal[on, f] = np.where(x[on] > u, np.maximum(empirical, beyond), empirical)
         for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
             Xg = X[:, cols]
             busy = Xg.any(axis=1)
@@ -137,9 +140,7 @@ class Ensemble:
             joint = -np.log10((count + 1.0) / (self.rows + 1.0))
             alone = marginal[busy][:, cols].max(axis=1)
             strength = np.minimum(1.0, (Xg[busy] / self.full[cols]).max(axis=1))
-            out[busy, g] = strength * np.maximum(joint, alone) + np.log10(
-                1.0 + beyond[busy][:, cols].sum(axis=1)
-            )
+            out[busy, g] = strength * np.maximum(joint, alone)
         return out
 
     def save(self, path: Path) -> None:
@@ -149,8 +150,7 @@ class Ensemble:
             "marginal_quantiles": self.marginal_quantiles,
             "marginal_tops": self.marginal_tops,
             "full": self.full,
-            "reach": self.reach,
-            "top": self.top,
+            "tail": self.tail,
             "n_features": np.array(self.n_features),
         }
         for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
@@ -198,15 +198,14 @@ class Ensemble:
                     np.asarray(z["marginal_quantiles"], dtype=np.float64),
                     np.asarray(z["marginal_tops"], dtype=np.float64),
                     np.asarray(z["full"], dtype=np.float64),
-                    np.asarray(z["reach"], dtype=np.float64),
-                    np.asarray(z["top"], dtype=np.float64),
+                    np.asarray(z["tail"], dtype=np.float64),
                     n_features,
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot read model {path}: {exc}") from exc
         if (
-            ensemble.reach.shape != (n_features,)
-            or not np.all(ensemble.reach > 0)
+            ensemble.tail.shape != (n_features, 3)
+            or not np.all(ensemble.tail[:, 1:] > 0)
             or ensemble.full.shape != (n_features,)
             or not np.all(ensemble.full > 0)
             or ensemble.marginal_quantiles.shape[0] != n_features
@@ -277,9 +276,8 @@ def fit_ensemble(
         quantiles.append(np.quantile(s, np.linspace(0.0, 1.0, QUANTILE_POINTS)))
         tops.append(s[-TOP_POINTS:].astype(np.float64))
         padded.extend(cols[j] for j in quiet)
-    top = X.max(axis=0) if X.shape[0] else np.zeros(X.shape[1])
-    reach = top + np.maximum(plausible, 1e-6)
     ordered = np.sort(X, axis=0)
+    full = np.maximum(plausible, 1e-6)
     ensemble = Ensemble(
         tuple(GROUPS),
         tuple(columns),
@@ -289,9 +287,34 @@ def fit_ensemble(
         int(X.shape[0]),
         np.quantile(ordered, np.linspace(0.0, 1.0, QUANTILE_POINTS), axis=0).T.copy(),
         ordered[-TOP_POINTS:].T.copy(),
-        np.maximum(plausible, 1e-6),
-        reach,
-        top,
+        full,
+        _tails(ordered, full),
         X.shape[1],
     )
     return ensemble, padded
+
+
+#: The exponential tail of a feature is fitted to its top 1% of training rows (10 at least).
+TAIL_SHARE: Final = 0.01
+
+
+def _tails(ordered: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """Per feature (column of the column-sorted ``ordered``): the threshold u above which the
+    top TAIL_SHARE of rows lie, the mean excess of those rows over u (the scale of an
+    exponential tail, at least half the feature's full strength: one full-strength step past
+    the top adds ~0.9 to the surprise, however tight the top of the training values) and their
+    share of rows."""
+    n = ordered.shape[0]
+    out = np.zeros((ordered.shape[1], 3))
+    for f in range(ordered.shape[1]):
+        col = ordered[:, f]
+        nonzero = int(np.count_nonzero(col))
+        k = min(nonzero, max(10, int(TAIL_SHARE * n)), TOP_POINTS)
+        floor = 0.5 * float(full[f])
+        if k == 0:  # never above zero in training: every value is beyond the top
+            out[f] = (0.0, floor, 1.0 / (n + 1.0))
+            continue
+        top = col[n - k :]
+        u = float(top[0])
+        out[f] = (u, max(float(np.mean(top - u)), floor), k / (n + 1.0))
+    return out

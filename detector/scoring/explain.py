@@ -62,6 +62,10 @@ def _share(v: Any) -> str:
     return f"{float(v):.0%} of its statements"
 
 
+def _logins(n: float) -> str:
+    return f"{_n(n)} failed login{'' if round(n) == 1 else 's'}"
+
+
 def _table(row: Mapping[str, Any]) -> str:
     tables = row.get("tables") or []
     return ", ".join(tables[:3]) if tables else "a table"
@@ -129,8 +133,9 @@ def describe(
         typical = (10 ** float(typ) - 1) / 1e4 if typ is not None and not math.isnan(typ) else 0.0
         size = row.get("table_rows")
         size_txt = f" ({_n(size)} rows)" if size and not math.isnan(size) else ""
+        portion = "all" if actual >= 1.0 else f"{actual:.0%}"
         return (
-            f"read {actual:.0%} of {_table(row)}{size_txt} within hours; typical for {user}: "
+            f"read {portion} of {_table(row)}{size_txt} within hours; typical for {user}: "
             f"{typical:.1%}",
             actual,
             typical,
@@ -153,18 +158,38 @@ def describe(
         return f"active at {hour}, when {user} rarely is ({share:.1%} of its activity)", hour, share
     if name == "failed_logins_address_1h":
         actual = _back(row.get(name))
-        return f"{_n(actual)} failed logins from {row.get('client_ip')} in the last hour", actual, 0
+        return (
+            f"{_logins(actual)} from {row.get('client_ip')} in the last hour",
+            actual,
+            0,
+        )
     if name == "failed_logins_principal_1h":
         actual = _back(row.get(name))
-        return f"{_n(actual)} failed logins for {user} in the last hour", actual, 0
+        return f"{_logins(actual)} for {user} in the last hour", actual, 0
     if name == "new_principal":
         return f"principal {user} never seen before", 1, 0
     return name, row.get(name), typ
 
 
+#: Features that say one thing: only the first of a family present is named, in this order.
+FAMILIES: Final = (
+    ("new_shape_anyone_excess", "new_shape_sensitive_excess", "new_shape_excess"),
+    ("sensitive_rows_1h_excess", "session_sensitive_rows_excess", "sensitive_rows_24h_excess"),
+)
+
+
+def _one_per_family(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    present = {name for name, _ in items}
+    drop = set()
+    for family in FAMILIES:
+        found = [f for f in family if f in present]
+        drop.update(found[1:])
+    return [(name, z) for name, z in items if name not in drop]
+
+
 def explain(row: Mapping[str, Any], stats: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The explanation of one scored event: top features and a one-line reason."""
-    top = contributions(row, stats)[:TOP]
+    top = _one_per_family(contributions(row, stats))[:TOP]
     items = []
     for name, z in top:
         text, actual, typical = describe(name, row)
