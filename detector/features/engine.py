@@ -86,6 +86,15 @@ _ALLOWANCE: Final = np.array(
     ]
 )
 
+#: The previous high of a count rises by at most this factor a day (log units per quantity).
+GROWTH_CAP: Final = 4.0
+_CAP: Final = np.array(
+    [
+        float(np.log10(GROWTH_CAP)) if q == "table_coverage" else float(np.log(GROWTH_CAP))
+        for q in K.QUANTITIES[: K.NC]
+    ]
+)
+
 _CODE: Final = {a: i for i, a in enumerate(ACTIONS)}
 _OFFSET_RE: Final = r"(?i)\boffset\s+([0-9]+)"
 #: ``id = <literal>`` on a tenant table names a tenant (a bound ``$1`` does not match).
@@ -117,7 +126,7 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_TAU_SESSION] = 3600.0
     p[K.P_SESSION_EXPIRY] = 8 * 3600.0
     p[K.P_OFF_HOURS_SHARE] = 0.25
-    p[K.P_SETTLED] = 3 * 86400.0
+    p[K.P_SETTLED] = 100.0
     return p
 
 
@@ -129,6 +138,7 @@ def feature_spec(settings: FeatureSettings) -> dict[str, Any]:
         "outputs": list(K.OUT_COLUMNS),
         "settings": settings.model_dump(mode="json"),
         "params": _params(settings).tolist(),
+        "growth_cap": GROWTH_CAP,
     }
 
 
@@ -285,6 +295,7 @@ class FeatureEngine:
             self.params,
             self.expiry,
             self.first_event_time_,
+            _CAP,
         )
         self.events_seen_ += n
         batch_max = float(cols["t"].max())

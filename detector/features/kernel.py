@@ -38,7 +38,10 @@ K_SESSION_TABLES: Final = 12  # (principal, session): distinct sensitive tables 
 K_SESSION_TABLE: Final = 13  # (session, table): the session read this sensitive table
 K_SHAPE_SEEN: Final = 14  # (principal, shape): first seen (va) and last seen (ta)
 K_SHAPE_ANY: Final = 15  # (0, shape): first seen by any principal
-N_KINDS: Final = 16
+K_ADDR_SENS1H: Final = 16  # (principal, address): decayed sensitive rows, tau 1 h
+K_ADDR_SENS24H: Final = 17  # (principal, address): decayed sensitive rows, tau 24 h
+K_ADDR_NEW_RUNS: Final = 18  # (principal, address): decayed runs of new shapes, tau 1 h
+N_KINDS: Final = 19
 
 EMPTY: Final = np.int64(-(2**63))
 
@@ -56,7 +59,7 @@ P_NOVELTY: Final = 13
 P_TAU_SESSION: Final = 14
 P_SESSION_EXPIRY: Final = 15
 P_OFF_HOURS_SHARE: Final = 16
-P_SETTLED: Final = 17  # a principal this old judges its hours by its own history alone
+P_SETTLED: Final = 17  # events of its own history at which a principal's hours weigh half
 N_PARAMS: Final = 18
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
@@ -76,6 +79,7 @@ QUANTITIES: Final = (
     "session_sensitive_rows",  # log1p(decayed rows this session read from sensitive tables)
     "session_sensitive_tables",  # log1p(distinct sensitive tables this session read)
     "off_hours_sensitive_rows",  # session_sensitive_rows, in an hour the principal rarely works
+    "new_shape_runs_1h",  # log1p(decayed statements of shapes new to the principal, tau 1 h)
     # habits, compared with how often the principal does them
     "aggregate_all_tenants",  # 0/1: aggregate or GROUP BY over tenants, no tenant filter
     "bulk_sensitive_read",  # 0/1: sensitive table read without a tenant filter
@@ -102,6 +106,7 @@ NB: Final = len(QUANTITIES)
     Q_SESS_ROWS,
     Q_SESS_TABLES,
     Q_OFF_ROWS,
+    Q_NEW_RUNS,
     Q_AGG,
     Q_BULK,
     Q_COPY,
@@ -114,7 +119,8 @@ NB: Final = len(QUANTITIES)
 NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest are habits
 
 # --- per-principal state columns ------------------------------------------------------------
-S_LAST_T, S_SEEN, S_RATE, S_SENS1H, S_SENS24H, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 3, 4, 5, 6, 7
+# columns 3 and 4 are free (sensitive volumes are kept per principal and address, in pairs)
+S_LAST_T, S_SEEN, S_RATE, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 5, 6, 7
 S_BASE_W, S_WIN_START, S_FIRST_T = 8, 9, 10
 HIGH_DAYS: Final = 35  # the previous high spans this many active days (monthly jobs too)
 S_LAST_DAY, S_SLOT = 11, 12  # day number of the current ring slot (-1: none yet), its index
@@ -204,6 +210,37 @@ def _decayed(
 
 
 @njit(cache=True, inline="always")
+def _accumulate(
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    kind: int,
+    a: int,
+    b: int,
+    now: float,
+    tau: float,
+    add: float,
+) -> tuple[float, int]:  # pragma: no cover - compiled
+    """Decay the (kind, a, b) counter to ``now``, add ``add``; (new value, entries added)."""
+    k = pair_key(kind, a, b)
+    j = _find(keys, k)
+    added = 0
+    if keys[j] == EMPTY or now - ta[j] > 8.0 * tau:
+        value = 0.0
+    else:
+        value = va[j] * math.exp(-max(0.0, now - ta[j]) / tau)
+    if keys[j] == EMPTY:
+        keys[j] = k
+        kinds[j] = kind
+        added = 1
+    value += add
+    va[j] = value
+    ta[j] = max(ta[j], now) if value > add else now
+    return value, added
+
+
+@njit(cache=True, inline="always")
 def _novel(first_seen: float, now: float, principal_first: float, novelty: float) -> float:
     """1 when a thing was first seen within ``novelty`` of ``now`` and after the principal's
     own first ``novelty`` (everything is new to a new principal: none of it counts)."""
@@ -280,6 +317,7 @@ def run(
     params: np.ndarray,
     expiry: np.ndarray,
     stream_start: float,
+    cap: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """Compute the stateful features of one batch, updating the state in place.
 
@@ -300,8 +338,6 @@ def run(
         ps[p, S_LAST_T] = now if new_principal else max(ps[p, S_LAST_T], now)
         ps[p, S_SEEN] += 1.0
         ps[p, S_RATE] *= math.exp(-dt / params[P_TAU_RATE])
-        ps[p, S_SENS1H] *= math.exp(-dt / params[P_TAU_1H])
-        ps[p, S_SENS24H] *= math.exp(-dt / params[P_TAU_24H])
         ps[p, S_TEN] *= math.exp(-dt / params[P_TAU_TEN])
         ps[p, S_TAB] *= math.exp(-dt / params[P_TAU_1H])
         ps[p, S_FAIL] *= math.exp(-dt / params[P_TAU_FAIL])
@@ -502,7 +538,6 @@ def run(
         first_t = now if new_principal else ps[p, S_FIRST_T]
         # a principal there from the stream's first day is not new, only not known yet
         newcomer = young and first_t - stream_start >= params[P_NOVELTY]
-        settled = not new_principal and now - ps[p, S_FIRST_T] >= params[P_SETTLED]
         if young:
             new_addr = 0.0
             new_app = 0.0
@@ -529,9 +564,17 @@ def run(
         if failed:
             ps[p, S_FAIL] += 1.0
         ps[p, S_RATE] += 1.0
-        if known_rows and reading and sensitive[i]:
-            ps[p, S_SENS1H] += r
-            ps[p, S_SENS24H] += r
+        # volumes over hours are kept per (principal, address): a dump from a stolen
+        # credential's new address does not lend its volume to the application's own servers
+        sens_add = r if known_rows and reading and sensitive[i] else 0.0
+        sens1h = _accumulate(
+            keys, kinds, ta, va, K_ADDR_SENS1H, p, addr[i], now, params[P_TAU_1H], sens_add
+        )
+        size += sens1h[1]
+        sens24h = _accumulate(
+            keys, kinds, ta, va, K_ADDR_SENS24H, p, addr[i], now, params[P_TAU_24H], sens_add
+        )
+        size += sens24h[1]
 
         # hour-of-day habit, judged by the bins as they stood when the day began (a night's
         # session cannot make its own hour usual)
@@ -554,30 +597,35 @@ def run(
         )
         share = near / (3.0 * total) if total > 0.0 else 1.0 / 24.0
         ps[p, S_HIST0 + hour[i]] += 1.0
-        # the peer group's hours count too: an hour the principal's peers work in is no
-        # off-hours for a principal whose own history is still thin
+        # the peer group's hours count too, more the thinner the principal's own history
+        # (as they stood when the day began, like the principal's own)
         if g >= 0:
             g_dt = max(0.0, now - ps[g, S_LAST_T]) if ps[g, S_SEEN] > 0.0 else 0.0
-            thin = not settled
             g_hdecay = math.exp(-g_dt / params[P_TAU_HOUR])
-            g_total = 0.0
             for h in range(24):
                 ps[g, S_HIST0 + h] *= g_hdecay
-                g_total += ps[g, S_HIST0 + h]
-            if thin and g_total > 0.0:
+            if ps[g, S_SNAP_DAY] != today:
+                ps[g, S_SNAP_DAY] = today
+                for h in range(24):
+                    ps[g, S_HSNAP0 + h] = ps[g, S_HIST0 + h]
+            g_total = 0.0
+            for h in range(24):
+                g_total += ps[g, S_HSNAP0 + h]
+            if g_total > 0.0:
                 g_near = (
-                    ps[g, S_HIST0 + (hour[i] + 23) % 24]
-                    + ps[g, S_HIST0 + hour[i]]
-                    + ps[g, S_HIST0 + (hour[i] + 1) % 24]
+                    ps[g, S_HSNAP0 + (hour[i] + 23) % 24]
+                    + ps[g, S_HSNAP0 + hour[i]]
+                    + ps[g, S_HSNAP0 + (hour[i] + 1) % 24]
                 )
-                share = max(share, g_near / (3.0 * g_total))
+                own_weight = total / (total + params[P_SETTLED])
+                share = own_weight * share + (1.0 - own_weight) * g_near / (3.0 * g_total)
                 total = max(total, g_total)
             ps[g, S_HIST0 + hour[i]] += 1.0
 
         # tracked quantities against the principal's own past (read before this event counts)
         vals[Q_ROWS] = math.log1p(r) if known_rows else math.nan
-        vals[Q_SENS1H] = math.log1p(ps[p, S_SENS1H])
-        vals[Q_SENS24H] = math.log1p(ps[p, S_SENS24H])
+        vals[Q_SENS1H] = math.log1p(sens1h[0])
+        vals[Q_SENS24H] = math.log1p(sens24h[0])
         vals[Q_TEN] = math.log1p(ps[p, S_TEN])
         vals[Q_TAB] = math.log1p(ps[p, S_TAB])
         vals[Q_RATE] = math.log1p(ps[p, S_RATE])
@@ -591,6 +639,13 @@ def run(
         vals[Q_SESS_TABLES] = math.log1p(sess_tables)
         rare_hour = total > 0.0 and 24.0 * share < params[P_OFF_HOURS_SHARE]
         vals[Q_OFF_ROWS] = math.log1p(sess_rows) if rare_hour else 0.0
+        # many runs of shapes the principal never ran before: a scraper with a session per
+        # page, each page a new shape's run (an analyst's new queries are a few an hour)
+        runs = _accumulate(
+            keys, kinds, ta, va, K_ADDR_NEW_RUNS, p, addr[i], now, params[P_TAU_1H], new_shape
+        )
+        size += runs[1]
+        vals[Q_NEW_RUNS] = math.log1p(runs[0])
         vals[Q_AGG] = 1.0 if agg_all[i] else 0.0
         vals[Q_BULK] = 1.0 if bulk[i] else 0.0
         vals[Q_COPY] = 1.0 if copy_out[i] else 0.0
@@ -627,6 +682,15 @@ def run(
             gbase = int(ps[g, S_SLOT]) * NC if g >= 0 else 0
             for q in range(NC):
                 whigh = ps[p, S_WHIGH0 + q]
+                # the bar rises by at most GROWTH_CAP a day: a dump or a scraper's hour is
+                # remembered as a bounded rise, so it cannot lift the bar for the next attack
+                # (a job that really grows reaches its new size in a few days)
+                ring_max = UNKNOWN
+                for d in range(HIGH_DAYS):
+                    if d != int(ps[p, S_SLOT]):  # previous days only: today's slot is filling
+                        ring_max = max(ring_max, float(highs[p, d * NC + q]))
+                if ring_max >= 0.0:
+                    whigh = min(whigh, ring_max + cap[q])
                 if fresh_day or whigh > highs[p, base + q]:
                     highs[p, base + q] = whigh
                 if g >= 0 and (g_fresh or whigh > highs[g, gbase + q]):
@@ -637,13 +701,25 @@ def run(
         # a principal in its first day is compared with its peers as well (the highest of
         # their closed windows, their habits), when it has peers with a history
         peers = young and g >= 0 and ps[g, S_LAST_DAY] > 0.0
+        # the previous high comes from earlier days only: today's slot would let an attack
+        # longer than a window (a scraper's second hour) raise its own bar
+        this_day = math.floor(now / 86400.0)
+        own_today = int(ps[p, S_SLOT]) if ps[p, S_LAST_DAY] == this_day else -1
+        peer_today = int(ps[g, S_SLOT]) if peers and ps[g, S_LAST_DAY] == this_day else -1
         for q in range(NC):
             high = UNKNOWN
+            high_today = UNKNOWN  # today's closed windows: the bar only when nothing else is
             for d in range(HIGH_DAYS):
-                high = max(high, float(highs[p, d * NC + q]))
+                if d != own_today:
+                    high = max(high, float(highs[p, d * NC + q]))
+                else:
+                    high_today = float(highs[p, d * NC + q])
             if peers:
                 for d in range(HIGH_DAYS):
-                    high = max(high, float(highs[g, d * NC + q]))
+                    if d != peer_today:
+                        high = max(high, float(highs[g, d * NC + q]))
+            if high < 0.0:
+                high = high_today
             out[i, 2 * q] = vals[q]
             # no known value in the past (rows of COPYs only, a table of unknown size): NaN
             out[i, 2 * q + 1] = high if (history or peers) and high >= 0.0 else math.nan
@@ -717,5 +793,8 @@ def default_expiry(params: np.ndarray) -> np.ndarray:
     ):
         exp_[kind] = params[P_SESSION_EXPIRY]
     exp_[K_SHAPE_SEEN] = params[P_PAIR_EXPIRY]
+    exp_[K_ADDR_SENS1H] = 8.0 * params[P_TAU_1H]
+    exp_[K_ADDR_SENS24H] = 8.0 * params[P_TAU_24H]
+    exp_[K_ADDR_NEW_RUNS] = 8.0 * params[P_TAU_1H]
     exp_[K_SHAPE_ANY] = params[P_PAIR_EXPIRY]
     return exp_

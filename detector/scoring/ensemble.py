@@ -75,6 +75,7 @@ GROUPS: Final[dict[str, tuple[str, ...]]] = {
         "aggregate_all_tenants_excess",
         "bulk_sensitive_read_excess",
         "copy_out_excess",
+        "new_shape_runs_1h_excess",
         "new_shape_excess",
         "new_shape_sensitive_excess",
         "new_shape_anyone_excess",

@@ -93,6 +93,7 @@ def describe(
         "rate_5m": "statements in 5 minutes",
         "fingerprint_repeats_1h": "runs of the same statement shape in an hour",
         "offset": "as pagination OFFSET",
+        "new_shape_runs_1h": "runs of statement shapes new to it in an hour",
     }
     if q in counters:
         actual, typical = _back(row.get(q)), _back(typ)

@@ -49,7 +49,8 @@ def calibrate(
     """
     if scores.size == 0 or days <= 0:
         raise ValueError("calibration needs held-back scores covering a positive time span")
-    allowed = int(np.floor(budget_per_day * days + 1e-9))
+    # the nearest whole number of incidents: 0.5 a day over 1.99 days allows one, not none
+    allowed = int(np.floor(budget_per_day * days + 0.5))
     top = np.unique(scores)[::-1][:max_candidates]  # descending, distinct
     # incidents_at is non-increasing in t; find the last candidate index that fits.
     lo, hi = -1, len(top) - 1  # invariant: top[lo] fits (or lo = -1), answer in (lo, hi]
