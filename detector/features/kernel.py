@@ -241,6 +241,48 @@ def _accumulate(
 
 
 @njit(cache=True, inline="always")
+def _distinct(
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    count_kind: int,
+    member_kind: int,
+    p: int,
+    owner: int,
+    owner_key: int,
+    member: int,
+    counts: bool,
+    now: float,
+    expiry: float,
+) -> tuple[float, int]:  # pragma: no cover - compiled
+    """The number of distinct members (shapes, tables) of a session so far, counting
+    ``member`` when ``counts``; (new count, entries added)."""
+    added = 0
+    k = pair_key(count_kind, p, owner)
+    j = _find(keys, k)
+    n = va[j] if _live(keys, ta, j, now, expiry) else 0.0
+    if counts:
+        km = pair_key(member_kind, owner_key, member)
+        jm = _find(keys, km)
+        if not _live(keys, ta, jm, now, expiry):
+            n += 1.0
+        if keys[jm] == EMPTY:
+            keys[jm] = km
+            kinds[jm] = member_kind
+            added += 1
+        ta[jm] = max(ta[jm], now)
+        j = _find(keys, k)  # the insert may have taken the slot the probe ended on
+    if keys[j] == EMPTY:
+        keys[j] = k
+        kinds[j] = count_kind
+        added += 1
+    va[j] = n
+    ta[j] = now if not _live(keys, ta, j, now, expiry) else max(ta[j], now)
+    return n, added
+
+
+@njit(cache=True, inline="always")
 def _novel(first_seen: float, now: float, principal_first: float, novelty: float) -> float:
     """1 when a thing was first seen within ``novelty`` of ``now`` and after the principal's
     own first ``novelty`` (everything is new to a new principal: none of it counts)."""
@@ -442,69 +484,27 @@ def run(
         sess_tables = 0.0
         if session[i] != 0:
             sexp = params[P_SESSION_EXPIRY]
-            tau_s = params[P_TAU_SESSION]
+            tau_s = params[P_TAU_SESSION]  # sexp is 8 tau_s, the expiry _accumulate applies
             skey = pair_key(K_SESSION, p, session[i])
-            j = _find(keys, skey)
-            sess_n = _decayed(keys, ta, va, j, now, tau_s, sexp) + (1.0 if statement else 0.0)
-            if keys[j] == EMPTY:
-                keys[j] = skey
-                kinds[j] = K_SESSION
-                size += 1
-            va[j] = sess_n
-            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
-            k = pair_key(K_SESSION_ROWS, p, session[i])
-            j = _find(keys, k)
-            sess_rows = _decayed(keys, ta, va, j, now, tau_s, sexp)
-            if known_rows and reading and sensitive[i]:
-                sess_rows += r
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_SESSION_ROWS
-                size += 1
-            va[j] = sess_rows
-            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
-            # distinct shapes of the session
-            k = pair_key(K_SESSION_SHAPES, p, session[i])
-            j = _find(keys, k)
-            sess_shapes = va[j] if _live(keys, ta, j, now, sexp) else 0.0
-            if statement and fp[i] != 0:
-                kf = pair_key(K_SESSION_FP, int(skey), fp[i])
-                jf = _find(keys, kf)
-                if not _live(keys, ta, jf, now, sexp):
-                    sess_shapes += 1.0
-                if keys[jf] == EMPTY:
-                    keys[jf] = kf
-                    kinds[jf] = K_SESSION_FP
-                    size += 1
-                ta[jf] = max(ta[jf], now)
-                j = _find(keys, k)  # the probe sequence may have changed with the insert
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_SESSION_SHAPES
-                size += 1
-            va[j] = sess_shapes
-            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
-            # distinct sensitive tables of the session
-            k = pair_key(K_SESSION_TABLES, p, session[i])
-            j = _find(keys, k)
-            sess_tables = va[j] if _live(keys, ta, j, now, sexp) else 0.0
-            if reading and sensitive[i] and table[i] != 0:
-                kt = pair_key(K_SESSION_TABLE, int(skey), table[i])
-                jt = _find(keys, kt)
-                if not _live(keys, ta, jt, now, sexp):
-                    sess_tables += 1.0
-                if keys[jt] == EMPTY:
-                    keys[jt] = kt
-                    kinds[jt] = K_SESSION_TABLE
-                    size += 1
-                ta[jt] = max(ta[jt], now)
-                j = _find(keys, k)
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_SESSION_TABLES
-                size += 1
-            va[j] = sess_tables
-            ta[j] = now if not _live(keys, ta, j, now, sexp) else max(ta[j], now)
+            sess_n, added = _accumulate(
+                keys, kinds, ta, va, K_SESSION, p, session[i], now, tau_s, 1.0 if statement else 0.0
+            )
+            size += added
+            sens_r = r if known_rows and reading and sensitive[i] else 0.0
+            sess_rows, added = _accumulate(
+                keys, kinds, ta, va, K_SESSION_ROWS, p, session[i], now, tau_s, sens_r
+            )
+            size += added
+            sess_shapes, added = _distinct(
+                keys, kinds, ta, va, K_SESSION_SHAPES, K_SESSION_FP, p, session[i], int(skey),
+                fp[i], statement and fp[i] != 0, now, sexp,
+            )
+            size += added
+            sess_tables, added = _distinct(
+                keys, kinds, ta, va, K_SESSION_TABLES, K_SESSION_TABLE, p, session[i],
+                int(skey), table[i], reading and sensitive[i] and table[i] != 0, now, sexp,
+            )
+            size += added
 
         # statement-shape vocabulary: a shape this principal (or anyone) first ran within the
         # last day
