@@ -125,8 +125,9 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_NOVELTY] = 86400.0
     p[K.P_TAU_SESSION] = 3600.0
     p[K.P_SESSION_EXPIRY] = 8 * 3600.0
-    p[K.P_OFF_HOURS_SHARE] = 0.25
+    p[K.P_OFF_HOURS_SHARE] = 0.1
     p[K.P_SETTLED] = 100.0
+    p[K.P_THIN] = 500.0
     return p
 
 

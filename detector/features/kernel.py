@@ -41,7 +41,8 @@ K_SHAPE_ANY: Final = 15  # (0, shape): first seen by any principal
 K_ADDR_SENS1H: Final = 16  # (principal, address): decayed sensitive rows, tau 1 h
 K_ADDR_SENS24H: Final = 17  # (principal, address): decayed sensitive rows, tau 24 h
 K_ADDR_NEW_RUNS: Final = 18  # (principal, address): decayed runs of new shapes, tau 1 h
-N_KINDS: Final = 19
+K_TABLE_SEEN: Final = 19  # (principal, table): first read (va) and last read (ta)
+N_KINDS: Final = 20
 
 EMPTY: Final = np.int64(-(2**63))
 
@@ -60,7 +61,8 @@ P_TAU_SESSION: Final = 14
 P_SESSION_EXPIRY: Final = 15
 P_OFF_HOURS_SHARE: Final = 16
 P_SETTLED: Final = 17  # events of its own history at which a principal's hours weigh half
-N_PARAMS: Final = 18
+P_THIN: Final = 18  # below this decayed event count a principal is compared with its peers too
+N_PARAMS: Final = 19
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
 QUANTITIES: Final = (
@@ -89,6 +91,7 @@ QUANTITIES: Final = (
     "new_shape",  # 0/1: statement shape first run by this principal within the last day
     "new_shape_sensitive",  # 0/1: the same, on a sensitive table
     "new_shape_anyone",  # 0/1: statement shape first run by any principal within the last day
+    "new_sensitive_table",  # 0/1: sensitive table first read by this principal within the last day
 )
 NB: Final = len(QUANTITIES)
 (
@@ -115,6 +118,7 @@ NB: Final = len(QUANTITIES)
     Q_NSHAPE,
     Q_NSHAPE_SENS,
     Q_NSHAPE_ANY,
+    Q_NTABLE,
 ) = range(NB)
 NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest are habits
 
@@ -532,6 +536,20 @@ def run(
             ta[j] = max(ta[j], now)
             new_shape_any = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
 
+        # a sensitive table this principal first read within the last day
+        new_table = 0.0
+        if table[i] != 0 and reading and sensitive[i]:
+            k = pair_key(K_TABLE_SEEN, p, table[i])
+            j = _find(keys, k)
+            if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
+                va[j] = now
+            if keys[j] == EMPTY:
+                keys[j] = k
+                kinds[j] = K_TABLE_SEEN
+                size += 1
+            ta[j] = max(ta[j], now)
+            new_table = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
+
         # everything is new to a principal in its first day: novelty of addresses, clients
         # and shapes counts from then on (the principal's own youth is a feature of its own)
         young = new_principal or now - ps[p, S_FIRST_T] < params[P_NOVELTY]
@@ -543,6 +561,7 @@ def run(
             new_app = 0.0
             new_shape = 0.0
             new_shape_any = 0.0
+            new_table = 0.0
 
         # failed logins per address and per principal
         fails_addr = 0.0
@@ -654,6 +673,7 @@ def run(
         vals[Q_NSHAPE] = new_shape
         vals[Q_NSHAPE_SENS] = new_shape if sensitive[i] else 0.0
         vals[Q_NSHAPE_ANY] = new_shape_any
+        vals[Q_NTABLE] = new_table
         bdecay = math.exp(-dt / params[P_TAU_BASE])
         # Counts and volumes: the previous high, the maximum over the principal's last
         # HIGH_DAYS active days of windows that have closed (a quiet fortnight does not erase
@@ -700,7 +720,10 @@ def run(
         history = ps[p, S_LAST_DAY] >= 0.0
         # a principal in its first day is compared with its peers as well (the highest of
         # their closed windows, their habits), when it has peers with a history
-        peers = young and g >= 0 and ps[g, S_LAST_DAY] > 0.0
+        # ... and so is a principal with a thin history (a few statements a day, in bursts:
+        # an analyst's ad-hoc query is judged by what analysts do)
+        thin = ps[p, S_BASE_W] < params[P_THIN]
+        peers = (young or thin) and g >= 0 and ps[g, S_LAST_DAY] > 0.0
         # the previous high comes from earlier days only: today's slot would let an attack
         # longer than a window (a scraper's second hour) raise its own bar
         this_day = math.floor(now / 86400.0)
@@ -793,6 +816,7 @@ def default_expiry(params: np.ndarray) -> np.ndarray:
     ):
         exp_[kind] = params[P_SESSION_EXPIRY]
     exp_[K_SHAPE_SEEN] = params[P_PAIR_EXPIRY]
+    exp_[K_TABLE_SEEN] = params[P_PAIR_EXPIRY]
     exp_[K_ADDR_SENS1H] = 8.0 * params[P_TAU_1H]
     exp_[K_ADDR_SENS24H] = 8.0 * params[P_TAU_24H]
     exp_[K_ADDR_NEW_RUNS] = 8.0 * params[P_TAU_1H]

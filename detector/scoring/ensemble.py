@@ -69,6 +69,7 @@ GROUPS: Final[dict[str, tuple[str, ...]]] = {
         "tables_1h_excess",
         "session_shapes_excess",
         "session_sensitive_tables_excess",
+        "new_sensitive_table_excess",
     ),
     # what kind of statement: aggregates over all tenants, bulk reads, exports, new shapes
     "statement": (

@@ -127,6 +127,9 @@ def describe(
         "new_shape_sensitive": f"a statement shape {user} never ran, on {_table(row)}",
         "new_shape_anyone": "a statement shape no principal ran before",
     }
+    if q == "new_sensitive_table":
+        text = f"{user} never read {_table(row)} before; it reads new tables in {_share(typ)}"
+        return text, 1.0, typ
     if q in shapes:
         return f"{shapes[q]}; {user} runs new shapes in {_share(typ)}", 1.0, typ
     if q == "table_coverage":
