@@ -371,7 +371,7 @@ def test_a_new_shape_weighs_by_how_closed_the_vocabulary_is() -> None:
 
 def test_a_principal_in_its_first_day_is_compared_with_its_peers() -> None:
     """support_9 joins on day 3 and reads as support agents do: no excess; a principal with
-    no peers doing the same is measured against nothing."""
+    no peers is new, and nothing else, on its first day."""
     peers = [r for u in ("support_1", "support_2") for r in _sessions(u, 3, 2)]
     newcomer = [
         {**r, "db_user": user, "session_id": f"{user}-{r['session_id']}"}
@@ -387,7 +387,13 @@ def test_a_principal_in_its_first_day_is_compared_with_its_peers() -> None:
     }
     assert most["support_9"]["new_principal"] == 1.0 == most["zed"]["new_principal"]
     assert most["support_9"]["sensitive_rows_24h_excess"] == 0.0
-    assert most["zed"]["sensitive_rows_24h_excess"] > 1.0
+    # zed has no peers: its first day sets its bar, and only its newness is a signal
+    assert most["zed"]["sensitive_rows_24h_excess"] == 0.0
+    assert most["zed"]["bulk_sensitive_read_excess"] == 0.0
+    # a newcomer reading far more than its peers ever do is still measured against them
+    burst = [{**newcomer[0], "event_time": newcomer[0]["event_time"], "rows_returned": 50_000}]
+    f = run([*peers, *burst]).row(-1, named=True)
+    assert f["rows_excess"] > 3.0
 
 
 def test_mariadb_statements_are_read_as_mysql() -> None:

@@ -696,6 +696,8 @@ def run(
             base = int(ps[p, S_SLOT]) * NC
             # the peer group's ring takes the highs of all its members' closed windows
             g_fresh = g >= 0 and day > ps[g, S_LAST_DAY]
+            if g >= 0 and ps[g, S_FIRST_T] == 0.0:
+                ps[g, S_FIRST_T] = day + 1.0  # the group's first day (+1: 0 is unset)
             if g_fresh:
                 ps[g, S_SLOT] = (ps[g, S_SLOT] + 1.0) % HIGH_DAYS
                 ps[g, S_LAST_DAY] = day
@@ -723,7 +725,17 @@ def run(
         # ... and so is a principal with a thin history (a few statements a day, in bursts:
         # an analyst's ad-hoc query is judged by what analysts do)
         thin = ps[p, S_BASE_W] < params[P_THIN]
-        peers = (young or thin) and g >= 0 and ps[g, S_LAST_DAY] > 0.0
+        # peers with a day of history before today (a group whose members all start today,
+        # staff back on a Monday of a log that began on Saturday, has nothing to go by)
+        peers = (
+            (young or thin)
+            and g >= 0
+            and ps[g, S_FIRST_T] > 0.0
+            and math.floor(now / 86400.0) + 1.0 > ps[g, S_FIRST_T]
+        )
+        # a principal in its first day with no peers to go by is judged by nothing but its
+        # newness (the new_principal feature): everything it does is its first of a kind
+        unjudged = young and not peers
         # the previous high comes from earlier days only: today's slot would let an attack
         # longer than a window (a scraper's second hour) raise its own bar
         this_day = math.floor(now / 86400.0)
@@ -746,6 +758,8 @@ def run(
             out[i, 2 * q] = vals[q]
             # no known value in the past (rows of COPYs only, a table of unknown size): NaN
             out[i, 2 * q + 1] = high if (history or peers) and high >= 0.0 else math.nan
+            if unjudged:  # a first day with nothing to compare with sets the bar, no more
+                out[i, 2 * q + 1] = vals[q]
             if not math.isnan(vals[q]):
                 ps[p, S_WHIGH0 + q] = max(ps[p, S_WHIGH0 + q], vals[q])
         # Habits: how often the principal does this, a decayed event-weighted share, as it
@@ -776,7 +790,7 @@ def run(
                     typical = peer_share if math.isnan(typical) else max(typical, peer_share)
                 ps[g, S_RATE0 + q - NC] += vals[q]
             out[i, 2 * q] = vals[q]
-            out[i, 2 * q + 1] = typical
+            out[i, 2 * q + 1] = 1.0 if unjudged else typical
             ps[p, S_RATE0 + q - NC] += vals[q]
         ps[p, S_BASE_W] += 1.0
         if g >= 0:
