@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from detector.lab.run import DEFAULT_PREFIX, DEFAULT_START, LabConfig, run_lab
+from detector.lab.run import DEFAULT_PREFIX, LabConfig, run_lab
 
 lab_app = typer.Typer(
     help="A private PostgreSQL 15 + pgaudit under an accelerated clock, driven by real clients "
@@ -33,20 +33,25 @@ def run(
     seed: Annotated[int, typer.Option(help="seed of everything simulated")] = 1,
     days: Annotated[int, typer.Option(help="simulated days")] = 7,
     start: Annotated[
-        str, typer.Option(help="first simulated day (UTC), YYYY-MM-DD")
-    ] = DEFAULT_START.isoformat(),
+        str | None,
+        typer.Option(help="first simulated day (UTC), YYYY-MM-DD; default: chosen by the seed"),
+    ] = None,
     attack_days: Annotated[int, typer.Option(help="the last N days carry the attacks")] = 2,
     scale: Annotated[float, typer.Option(help="size of the tenants and traffic (1 = full)")] = 1.0,
     log_line_prefix: Annotated[
         str, typer.Option(help="log_line_prefix of the stderr log")
     ] = DEFAULT_PREFIX,
+    engine: Annotated[
+        str, typer.Option(help="the server: postgresql (pgaudit) or mariadb (server_audit)")
+    ] = "postgresql",
 ) -> None:
-    """Simulate DAYS of SaaS traffic against a real audited server; write OUT/postgresql.json,
-    .csv and .log, OUT/labels.json and OUT/lab.json."""
+    """Simulate DAYS of SaaS traffic against a real audited server; write its logs
+    (OUT/postgresql.json, .csv and .log, or OUT/server_audit.log), OUT/labels.json and
+    OUT/lab.json."""
     console = Console(stderr=True)
     try:
-        config = LabConfig(seed, days, date.fromisoformat(start), attack_days, scale,
-                           log_line_prefix)
+        config = LabConfig(seed, days, date.fromisoformat(start) if start else None,
+                           attack_days, scale, log_line_prefix, engine)
         config.check()
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -37,10 +37,12 @@ class SimClock:
         self._write(when - time.time())
         return when
 
-    def environment(self, library: Path) -> dict[str, str]:
-        """The postmaster's environment for this clock."""
+    def environment(self, library: Path, shim: Path | None = None) -> dict[str, str]:
+        """The server's environment for this clock; ``shim`` (preloaded first) keeps the
+        waits libfaketime wraps from hiding the fake clock from signal handlers (see
+        :data:`detector.lab.cluster.WAIT_SHIM_SOURCE`)."""
         return {
-            "LD_PRELOAD": str(library),
+            "LD_PRELOAD": f"{shim} {library}" if shim is not None else str(library),
             "FAKETIME_TIMESTAMP_FILE": str(self.path),
             "FAKETIME_NO_CACHE": "1",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",

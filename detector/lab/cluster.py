@@ -13,7 +13,7 @@ loopback port, and is stopped by signalling the postmaster pid it wrote to ``pos
 ``nobody``), since PostgreSQL refuses to run as root. :func:`unavailable_reason` tells why a
 cluster cannot be made here (no binaries, no pgaudit), for a skip message; with
 ``lab=True`` it also asks for libfaketime, ``psql`` and ``pg_dump``. ``environment`` is added to
-the postmaster's environment (the lab preloads libfaketime through it).
+the environment of ``initdb`` and the postmaster (the lab preloads libfaketime through it).
 """
 
 # ruff: noqa: S603 - runs the PostgreSQL programs it found itself, with its own arguments
@@ -46,6 +46,65 @@ FAKETIME_CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
     "/usr/lib/faketime/libfaketime.so.1",
 )
+#: A preload placed before libfaketime: the waits it wraps (select, poll, epoll) go straight to
+#: the C library. libfaketime 0.9.10 runs them with its thread-local ``dont_fake`` flag set, so
+#: a signal handler that runs during the wait reads the real clock; PostgreSQL 15's postmaster
+#: logs from its signal handlers while it waits in select() ("database system is ready to
+#: accept connections", the shutdown lines). Timeouts are unchanged (no rate is faked).
+WAIT_SHIM_SOURCE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <time.h>
+
+static void *libc_symbol(const char *name) {
+    static void *libc;
+    if (!libc) libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
+    if (!libc) libc = dlopen("libc.so.6", RTLD_LAZY);
+    return libc ? dlsym(libc, name) : 0;
+}
+
+int select(int n, fd_set *r, fd_set *w, fd_set *e, struct timeval *t) {
+    static int (*real)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+    if (!real) real = libc_symbol("select");
+    return real(n, r, w, e, t);
+}
+
+int pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *t,
+            const sigset_t *m) {
+    static int (*real)(int, fd_set *, fd_set *, fd_set *, const struct timespec *,
+                       const sigset_t *);
+    if (!real) real = libc_symbol("pselect");
+    return real(n, r, w, e, t, m);
+}
+
+int poll(struct pollfd *f, nfds_t n, int t) {
+    static int (*real)(struct pollfd *, nfds_t, int);
+    if (!real) real = libc_symbol("poll");
+    return real(f, n, t);
+}
+
+int ppoll(struct pollfd *f, nfds_t n, const struct timespec *t, const sigset_t *m) {
+    static int (*real)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+    if (!real) real = libc_symbol("ppoll");
+    return real(f, n, t, m);
+}
+
+int epoll_wait(int fd, struct epoll_event *ev, int n, int t) {
+    static int (*real)(int, struct epoll_event *, int, int);
+    if (!real) real = libc_symbol("epoll_wait");
+    return real(fd, ev, n, t);
+}
+
+int epoll_pwait(int fd, struct epoll_event *ev, int n, int t, const sigset_t *m) {
+    static int (*real)(int, struct epoll_event *, int, int, const sigset_t *);
+    if (!real) real = libc_symbol("epoll_pwait");
+    return real(fd, ev, n, t, m);
+}
+"""
 
 #: Settings of the audited test cluster (see docs/formats.md for what each one does).
 AUDIT_SETTINGS: dict[str, str] = {
@@ -84,6 +143,26 @@ def libfaketime() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+def wait_shim(directory: Path) -> Path | None:
+    """Compile :data:`WAIT_SHIM_SOURCE` into ``directory`` (a C compiler is needed); the shared
+    library, or None when no compiler is found or it fails."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = directory / "waitshim.c"
+    library = directory / "waitshim.so"
+    source.write_text(WAIT_SHIM_SOURCE)
+    result = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0 or not library.is_file():
+        return None
+    library.chmod(0o755)
+    return library
 
 
 def client_tool(name: str) -> Path | None:
@@ -202,8 +281,10 @@ class PgCluster:
         *,
         log_line_prefix: str = "%m [%p] ",
         settings: dict[str, str] | None = None,
+        environment: dict[str, str] | None = None,
     ) -> PgCluster:
-        """initdb a new cluster in ``root`` (which must be empty or absent)."""
+        """initdb a new cluster in ``root`` (which must be empty or absent); ``environment``
+        is added to initdb's and later the postmaster's environment."""
         bin_dir = pg_bin()
         if bin_dir is None:
             raise RuntimeError(unavailable_reason() or "no PostgreSQL")
@@ -212,7 +293,8 @@ class PgCluster:
             # the server account cannot enter pytest's private temp dirs: use one in /tmp
             root = Path(tempfile.mkdtemp(prefix="exfilwatch-pg-"))
         root.mkdir(parents=True, exist_ok=True)
-        cluster = cls(root, bin_dir, free_port(), log_line_prefix, settings or {})
+        cluster = cls(root, bin_dir, free_port(), log_line_prefix, settings or {},
+                      environment=dict(environment or {}))
         cluster.socket_dir.mkdir(exist_ok=True)
         if account is not None:
             os.chmod(root, 0o755)  # noqa: S103 - the server account must enter it
@@ -247,7 +329,8 @@ class PgCluster:
         extra: dict[str, Any] = {}
         if account is not None:
             extra = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-        subprocess.run(command, check=True, capture_output=True, cwd=self.root, **extra)
+        env = {**os.environ, **self.environment} if self.environment else None
+        subprocess.run(command, check=True, capture_output=True, cwd=self.root, env=env, **extra)
 
     def start(self, *, timeout: float = 30.0) -> None:
         """Start the postmaster and wait until it accepts connections."""

@@ -99,10 +99,13 @@ def index_jsonlog(path: Path) -> LogIndex:
     return LogIndex(sessions, dict(received), records, first, last)
 
 
-def resolve(records: Iterable[ConnRecord], index: LogIndex) -> tuple[dict[str, list[str]], float]:
+def resolve(
+    records: Iterable[ConnRecord], index: LogIndex, worst: dict[str, str] | None = None
+) -> tuple[dict[str, list[str]], float]:
     """Session ids of every tag, and the largest gap between a connection's simulated time
-    and its ``connection received`` timestamp in the log. Raises when a connection the driver
-    made is not in the log."""
+    and its ``connection received`` timestamp in the log (that connection described in
+    ``worst``). Raises when a connection the driver made is not in the log."""
+    worst = {} if worst is None else worst
     by_key: dict[tuple[str, int], list[ConnRecord]] = defaultdict(list)
     for rec in records:
         by_key[(rec.address, rec.port)].append(rec)
@@ -116,7 +119,12 @@ def resolve(records: Iterable[ConnRecord], index: LogIndex) -> tuple[dict[str, l
                 " 'connection received' lines in the log"
             )
         for rec, (sid, when) in zip(recs, lines, strict=False):
-            drift = max(drift, abs(when.timestamp() - rec.sim_time))
+            gap = abs(when.timestamp() - rec.sim_time)
+            if gap > drift:
+                drift = gap
+                worst.clear()
+                worst.update(address=rec.address, tag=rec.tag, session=sid, log=iso(when),
+                             simulated=iso(datetime.fromtimestamp(rec.sim_time, UTC)))
             if rec.tag:
                 tags[rec.tag].append(sid)
     return dict(tags), drift
@@ -198,3 +206,35 @@ def scenario_label(
         "events": sum(events.events.get(s, 0) for s in sids),
         "description": attack.description,
     }
+
+
+_STDERR_TIME = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (UTC|GMT)\b")
+
+
+def outside_span(files: dict[str, Path], low: float, high: float) -> dict[str, int]:
+    """Per log (``jsonlog``, ``csvlog``, ``stderr``): how many records carry a timestamp
+    outside ``low``..``high`` (epoch seconds), i.e. not the simulated clock."""
+    import csv
+
+    def bad(text: str) -> bool:
+        return not low <= log_time(text).timestamp() <= high
+
+    out: dict[str, int] = {}
+    for kind, path in files.items():
+        if not path.exists():
+            continue
+        n = 0
+        if kind == "jsonlog":
+            with path.open("rb") as handle:
+                n = sum(bad(orjson.loads(line)["timestamp"]) for line in handle if line.strip())
+        elif kind == "csvlog":
+            with path.open(newline="") as text:
+                n = sum(bad(row[0]) for row in csv.reader(text) if row)
+        else:
+            with path.open("rb") as handle:
+                for line in handle:
+                    m = _STDERR_TIME.match(line)
+                    if m is not None:
+                        n += bad(f"{m.group(1).decode()} {m.group(2).decode()}")
+        out[kind] = n
+    return out

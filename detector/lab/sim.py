@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from detector.lab.clock import SimClock
-from detector.lab.cluster import PgCluster, client_tool
+from detector.lab.cluster import client_tool
 from detector.lab.forward import ConnRecord, Forwarder
 from detector.lab.schema import DATABASE
 
@@ -35,8 +35,8 @@ Actor = Generator[float, None, None]
 class Sim:
     """The driver; see the module docstring."""
 
-    def __init__(self, cluster: PgCluster, clock: SimClock, work_dir: Path) -> None:
-        self.cluster = cluster
+    def __init__(self, port: int, clock: SimClock, work_dir: Path) -> None:
+        self.port = port
         self.clock = clock
         self.records: list[ConnRecord] = []
         self.sim_times: dict[str, float] = {}
@@ -47,8 +47,8 @@ class Sim:
         self._heap: list[tuple[float, int, Actor]] = []
         self._seq = itertools.count()
         self._stderr = (work_dir / "clients.stderr").open("ab")
-        self._psql = str(client_tool("psql"))
-        self._pg_dump = str(client_tool("pg_dump"))
+        self._psql = str(client_tool("psql") or "psql")
+        self._pg_dump = str(client_tool("pg_dump") or "pg_dump")
 
     # --- scheduling ---------------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ class Sim:
     def forwarder(self, address: str) -> Forwarder:
         if address not in self._forwarders:
             self._forwarders[address] = Forwarder(
-                address, ("127.0.0.1", self.cluster.port), self.records, self._lock, self.clock.now
+                address, ("127.0.0.1", self.port), self.records, self._lock, self.clock.now
             )
         return self._forwarders[address]
 
@@ -127,13 +127,16 @@ class Sim:
 
     def query(self, conn: psycopg.Connection[Any], sql: str, params: Any = None) -> int:
         """Run one statement and fetch its result; the number of rows fetched."""
+        return len(self.fetch(conn, sql, params))
+
+    def fetch(self, conn: psycopg.Connection[Any], sql: str, params: Any = None) -> list[Any]:
+        """Run one statement; its rows (none when it failed: counted as a client error)."""
         try:
             cur = conn.execute(sql, params)
-            rows = len(cur.fetchall()) if cur.description is not None else 0
+            return cur.fetchall() if cur.description is not None else []
         except psycopg.Error:
             self.client_errors += 1
-            return 0
-        return rows
+            return []
 
     def copy_out(self, conn: psycopg.Connection[Any], sql: str) -> None:
         with conn.cursor().copy(sql) as copy:

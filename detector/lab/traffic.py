@@ -26,22 +26,25 @@ HOUR = 3600.0
 APP_ADDRESSES = ("127.0.10.1", "127.0.10.2", "127.0.10.3")
 WORKER_ADDRESS = "127.0.20.1"
 BI_ADDRESS = "127.0.30.1"
-ANALYST_ADDRESSES = {f"analyst_{i}": f"127.0.40.{i}" for i in range(1, 4)}
-SUPPORT_ADDRESSES = {f"support_{i}": f"127.0.50.{i}" for i in range(1, 5)}
+ANALYST_ADDRESSES = {f"analyst_{i}": f"127.0.40.{i}" for i in range(1, 7)}
+SUPPORT_ADDRESSES = {f"support_{i}": f"127.0.50.{i}" for i in range(1, 9)}
 BACKUP_ADDRESS = "127.0.60.1"
 BILLING_ADDRESS = "127.0.70.1"
 DBA_ADDRESS = "127.0.80.1"
 DBEAVER = "DBeaver 23.2.0 - Main"
+SUPPORT_CONSOLE = "support-console"
+#: The analysts who work in the GUI client (the others in psql): one for each GUI attack
+#: variant, so that no analyst carries two attacks.
+GUI_ANALYSTS = ("analyst_3", "analyst_5", "analyst_6")
+#: The support agents who work in the support console (the others in psql).
+CONSOLE_SUPPORT = ("support_3", "support_4", "support_7", "support_8")
 #: How each analyst and support agent connects: real psql or a GUI/console through psycopg.
 STAFF_CLIENT = {
-    "analyst_1": "psql",
-    "analyst_2": "psql",
-    "analyst_3": DBEAVER,
-    "support_1": "psql",
-    "support_2": "psql",
-    "support_3": "support-console",
-    "support_4": "support-console",
+    **{who: DBEAVER if who in GUI_ANALYSTS else "psql" for who in ANALYST_ADDRESSES},
+    **{who: SUPPORT_CONSOLE if who in CONSOLE_SUPPORT else "psql" for who in SUPPORT_ADDRESSES},
 }
+#: Every analyst's and support agent's address.
+STAFF_ADDRESSES = {**ANALYST_ADDRESSES, **SUPPORT_ADDRESSES}
 DBEAVER_PREAMBLE = (
     "SET application_name = 'DBeaver 23.2.0 - Main'",
     "SELECT current_schema(), session_user",
@@ -69,6 +72,9 @@ class World:
     scale: float
     attack_days: int
     deploy_failure_days: list[int] = field(default_factory=list)
+    dba_change_days: list[int] = field(default_factory=list)
+    #: the smallest planned gap between two attacks of one principal (seconds)
+    attack_gap_s: float = 0.0
 
     def fork(self) -> World:
         """The same world with a generator of its own for one actor: what an actor draws
@@ -319,7 +325,8 @@ class StaffSession:
 
     def run(self, sql: str) -> None:
         if self.psql is not None:
-            self.psql.run(sql.rstrip(";") + ";")
+            # a backslash command (\copy) takes the rest of its line: no semicolon
+            self.psql.run(sql if sql.startswith("\\") else sql.rstrip(";") + ";")
         elif self.conn is not None:
             if sql.lstrip().upper().startswith("COPY"):
                 self.w.sim.copy_out(self.conn, sql)
@@ -421,9 +428,8 @@ def billing_nightly(w: World, day: int) -> Actor:
                          "heavy:billing_run", literal=False)
     today = w.date_of(day)
     try:
-        cur = conn.execute("SELECT id, plan_id FROM clients WHERE anniversary_day = %s",
-                           (today.day,))
-        due = cur.fetchall()
+        due = w.sim.fetch(conn, "SELECT id, plan_id FROM clients WHERE anniversary_day = %s",
+                          (today.day,))
         yield w.rng.uniform(0.2, 1)
         for client, _plan in due[:200]:
             w.sim.query(conn, "SELECT coalesce(sum(searches), 0) FROM client_daily_search_counts"
@@ -486,9 +492,22 @@ def schedule_ops(w: World) -> None:
         w.sim.spawn(w.at(day, 3 + w.rng.uniform(0, 0.2)), billing_nightly(w.fork(), day))
         if w.date_of(day).day == 1:
             w.sim.spawn(w.at(day, 4 + w.rng.uniform(0, 0.3)), billing_monthly(w.fork(), day))
-    for kind, day in enumerate(sorted(w.rng.sample(range(w.days), min(w.days, 2)))):
-        if not w.weekend(day):
-            w.sim.spawn(w.at(day, w.rng.uniform(10, 16)), dba_session(w.fork(), kind + day))
+    w.dba_change_days = dba_days(w)
+    for kind, day in enumerate(w.dba_change_days, start=w.dba_change_days[0]):
+        # consecutive kinds: the two days make different changes
+        w.sim.spawn(w.at(day, w.rng.uniform(10, 16)), dba_session(w.fork(), kind))
+
+
+def dba_days(w: World) -> list[int]:
+    """The days of the DBA's changes: one training day and one attack day, each a weekday when
+    its part of the run has one, so the changes are in the training data and in the attack
+    days alike."""
+    attack_first = w.days - w.attack_days
+    out = []
+    for part in (range(attack_first), range(attack_first, w.days)):
+        weekdays = [d for d in part if not w.weekend(d)]
+        out.append(w.rng.choice(weekdays or list(part)))
+    return out
 
 
 def schedule_benign(w: World) -> None:
