@@ -175,6 +175,17 @@ def describe(
     return name, row.get(name), typ
 
 
+#: Who and from where: named in a reason whenever they contribute.
+ACCESS: Final = frozenset(
+    {
+        "new_address_excess",
+        "new_client_app_excess",
+        "new_principal",
+        "failed_logins_address_1h",
+        "failed_logins_principal_1h",
+    }
+)
+
 #: Features that say one thing: only the first of a family present is named, in this order.
 FAMILIES: Final = (
     ("new_shape_anyone_excess", "new_shape_sensitive_excess", "new_shape_excess"),
@@ -193,7 +204,13 @@ def _one_per_family(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
 
 def explain(row: Mapping[str, Any], stats: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The explanation of one scored event: top features and a one-line reason."""
-    top = _one_per_family(contributions(row, stats))[:TOP]
+    ranked = _one_per_family(contributions(row, stats))
+    top = ranked[:TOP]
+    # who and from where is always named when it contributes: it is what a person acts on
+    for item in ranked[TOP:]:
+        if item[0] in ACCESS and all(name not in ACCESS for name, _ in top):
+            top = [*top[: TOP - 1], item]
+            break
     items = []
     for name, z in top:
         text, actual, typical = describe(name, row)
