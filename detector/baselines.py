@@ -66,6 +66,7 @@ import polars as pl
 
 from detector.errors import InputError
 from detector.evaluation import EvalReport, evaluate
+from detector.incidents.grouping import DEFAULT_GAP_S
 from detector.pipeline import Reading
 from detector.quarantine import Quarantine
 from detector.schema import EVENT_SCHEMA
@@ -110,7 +111,7 @@ class RuleSettings:
     min_history: int = 30
     std_floor: float = 1.0
     hourly_relative_floor: float = 0.1
-    gap_s: float = 1800.0
+    gap_s: float = DEFAULT_GAP_S  # the gap incidents are grouped by
 
 
 # ---------------------------------------------------------------------------- input
@@ -305,7 +306,7 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def group(alerted: pl.DataFrame, method: str, gap_s: float = 1800.0) -> list[dict[str, Any]]:
+def group(alerted: pl.DataFrame, method: str, gap_s: float = DEFAULT_GAP_S) -> list[dict[str, Any]]:
     """Alert groups of ``method`` (a rule, or :data:`ANY_RULE` for all the ``alerted``
     together): one per user and address, split at gaps longer than ``gap_s``; sorted by first
     alert and id."""

@@ -287,6 +287,33 @@ def _distinct(
 
 
 @njit(cache=True, inline="always")
+def _first_seen(
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    kind: int,
+    a: int,
+    b: int,
+    now: float,
+    expiry: float,
+) -> tuple[float, int]:  # pragma: no cover - compiled
+    """Record (kind, a, b) as seen at ``now``; (when it was first seen, entries added). An
+    entry unseen for ``expiry`` is first seen again."""
+    k = pair_key(kind, a, b)
+    j = _find(keys, k)
+    added = 0
+    if not _live(keys, ta, j, now, expiry):
+        va[j] = now
+    if keys[j] == EMPTY:
+        keys[j] = k
+        kinds[j] = kind
+        added = 1
+    ta[j] = max(ta[j], now)
+    return float(va[j]), added
+
+
+@njit(cache=True, inline="always")
 def _novel(first_seen: float, now: float, principal_first: float, novelty: float) -> float:
     """1 when a thing was first seen within ``novelty`` of ``now`` and after the principal's
     own first ``novelty`` (everything is new to a new principal: none of it counts)."""
@@ -500,13 +527,35 @@ def run(
             )
             size += added
             sess_shapes, added = _distinct(
-                keys, kinds, ta, va, K_SESSION_SHAPES, K_SESSION_FP, p, session[i], int(skey),
-                fp[i], statement and fp[i] != 0, now, sexp,
+                keys,
+                kinds,
+                ta,
+                va,
+                K_SESSION_SHAPES,
+                K_SESSION_FP,
+                p,
+                session[i],
+                int(skey),
+                fp[i],
+                statement and fp[i] != 0,
+                now,
+                sexp,
             )
             size += added
             sess_tables, added = _distinct(
-                keys, kinds, ta, va, K_SESSION_TABLES, K_SESSION_TABLE, p, session[i],
-                int(skey), table[i], reading and sensitive[i] and table[i] != 0, now, sexp,
+                keys,
+                kinds,
+                ta,
+                va,
+                K_SESSION_TABLES,
+                K_SESSION_TABLE,
+                p,
+                session[i],
+                int(skey),
+                table[i],
+                reading and sensitive[i] and table[i] != 0,
+                now,
+                sexp,
             )
             size += added
 
@@ -515,40 +564,25 @@ def run(
         new_shape = 0.0
         new_shape_any = 0.0
         if fp[i] != 0 and statement:
-            k = pair_key(K_SHAPE_SEEN, p, fp[i])
-            j = _find(keys, k)
-            if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
-                va[j] = now
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_SHAPE_SEEN
-                size += 1
-            ta[j] = max(ta[j], now)
-            new_shape = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
-            k = pair_key(K_SHAPE_ANY, 0, fp[i])
-            j = _find(keys, k)
-            if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
-                va[j] = now
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_SHAPE_ANY
-                size += 1
-            ta[j] = max(ta[j], now)
-            new_shape_any = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            first, added = _first_seen(
+                keys, kinds, ta, va, K_SHAPE_SEEN, p, fp[i], now, params[P_PAIR_EXPIRY]
+            )
+            size += added
+            new_shape = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            first, added = _first_seen(
+                keys, kinds, ta, va, K_SHAPE_ANY, 0, fp[i], now, params[P_PAIR_EXPIRY]
+            )
+            size += added
+            new_shape_any = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
 
         # a sensitive table this principal first read within the last day
         new_table = 0.0
         if table[i] != 0 and reading and sensitive[i]:
-            k = pair_key(K_TABLE_SEEN, p, table[i])
-            j = _find(keys, k)
-            if not _live(keys, ta, j, now, params[P_PAIR_EXPIRY]):
-                va[j] = now
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_TABLE_SEEN
-                size += 1
-            ta[j] = max(ta[j], now)
-            new_table = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            first, added = _first_seen(
+                keys, kinds, ta, va, K_TABLE_SEEN, p, table[i], now, params[P_PAIR_EXPIRY]
+            )
+            size += added
+            new_table = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
 
         # everything is new to a principal in its first day: novelty of addresses, clients
         # and shapes counts from then on (the principal's own youth is a feature of its own)
