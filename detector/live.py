@@ -522,6 +522,7 @@ class Service:
         m.batches.inc()
         m.batch_events.observe(events.height)
         m.events_scored.inc(events.height)
+        m.events_time_held.set(self.scorer.engine.events_time_held_)
         m.batch_duration.observe(time.perf_counter() - started)
         now = self.clock()
         for doc in opened:

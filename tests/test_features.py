@@ -209,7 +209,7 @@ def test_habitual_work_has_no_excess_and_a_dump_from_a_new_address_has() -> None
 def test_off_hours_and_cross_tenant_fanout() -> None:
     base = history()
     night = {**base[0], "event_time": T0 + timedelta(days=3, hours=2)}
-    assert run([*base, night])["off_hours"][-1] > 0.9
+    assert run([*base, night])["off_hours"][-1] > 0.8  # 120 hours known: 0.83 at most
     assert (
         run([*base, {**base[0], "event_time": T0 + timedelta(days=3, hours=10)}])["off_hours"][-1]
         < 0.1
@@ -331,7 +331,8 @@ def test_one_session_running_the_apps_own_query_for_hundreds_of_tenants_stands_o
     ]
     f_scrape = run([*base, *scrape]).row(-1, named=True)
     f_usual = run([*base, *usual]).row(-1, named=True)
-    assert f_scrape["session_statements_excess"] > 3.0  # e^3 beyond 1.5x the usual sessions
+    # e^3 beyond 1.5x the usual sessions, weighed by the ~140 (decayed) sessions behind them
+    assert f_scrape["session_statements_excess"] > 2.0
     assert f_scrape["session_statements_typical"] == pytest.approx(np.log1p(3), abs=0.01)
     assert f_usual["session_statements_excess"] == 0.0
     # the tenant filter is a bound parameter: a filtered lookup, not a bulk read
@@ -409,3 +410,253 @@ def test_mariadb_statements_are_read_as_mysql() -> None:
     f = run(rows).row(-1, named=True)
     assert f["tables"] == ["shop.customers"]
     assert f["bulk_sensitive_read"] == 1.0
+
+
+# --- what real audit logs showed (lab weeks): time, echoes, per-table coverage, sessions ------
+
+
+def _staff(user: str, days: list[int], *, hours: tuple[int, int] = (9, 16)) -> list[dict]:
+    """A support agent's lookups, 30 a day between ``hours``, on the given day offsets."""
+    rows: list[dict[str, object]] = []
+    lo, hi = hours
+    for d in days:
+        for k in range(30):
+            rows.append(
+                {
+                    "event_time": T0 + timedelta(days=d, hours=lo, minutes=(hi - lo) * 2 * k),
+                    "db_user": user,
+                    "session_id": f"{user}-{d}-{k // 5}",
+                    "client_ip": "10.0.30.1",
+                    "client_app": "console",
+                    "objects": ["public.accounts"],
+                    "rows_returned": 25,
+                    "statement_text": f"SELECT * FROM public.accounts WHERE client_id = {k}",
+                }
+            )
+    return rows
+
+
+def _read(user: str, at: datetime, rows: int = 5000, **extra: object) -> dict[str, object]:
+    return {
+        "event_time": at,
+        "db_user": user,
+        "session_id": f"{user}-{at:%j%H%M}",
+        "client_ip": "10.0.30.1",
+        "client_app": "console",
+        "objects": ["public.accounts"],
+        "rows_returned": rows,
+        "statement_text": "SELECT * FROM public.accounts WHERE balance > 9000",
+        **extra,
+    }
+
+
+def test_a_weekend_day_is_off_hours_for_staff_who_only_work_weekdays() -> None:
+    """T0 is a Monday: two weeks of weekday work, then a Saturday and a Monday afternoon."""
+    weekdays = [d for d in range(12) if d % 7 < 5]
+    base = _staff("support_1", weekdays)
+    saturday = _read("support_1", T0 + timedelta(days=12, hours=11))
+    monday = _read("support_1", T0 + timedelta(days=14, hours=11))
+    f_sat = run([*base, saturday]).row(-1, named=True)
+    f_mon = run([*base, monday]).row(-1, named=True)
+    assert f_sat["day_type_ratio"] < 0.5 and f_sat["off_hours"] > 0.5
+    assert f_sat["off_hours_sensitive_rows_excess"] > 3.0  # never read at such a time
+    assert f_mon["day_type_ratio"] == 1.0 and f_mon["off_hours"] < 0.1
+    assert f_mon["off_hours_sensitive_rows_excess"] == 0.0
+    # the same Saturday for someone who works every day is a day like the others
+    every_day = _staff("support_1", list(range(12)))
+    assert run([*every_day, saturday]).row(-1, named=True)["day_type_ratio"] > 0.9
+
+
+def test_no_kind_of_day_is_rare_before_the_stream_has_seen_one() -> None:
+    """A log that begins on a Wednesday: a job that runs every day is not off hours on the
+    first Saturday, only because no weekend day was in the log before it."""
+    job = _staff("worker", [2, 3, 4])
+    first_saturday = _read("worker", T0 + timedelta(days=5, hours=11))
+    f = run([*job, first_saturday]).row(-1, named=True)
+    assert f["day_type_ratio"] == 1.0
+    assert f["off_hours_sensitive_rows_excess"] == 0.0
+
+
+def test_no_hour_is_rare_before_enough_hours_are_known() -> None:
+    """A day of 30 lookups between 09:00 and 16:00 does not make 18:00 a rare hour; a month
+    of weekdays of them does."""
+    evening = {"hours": 18}
+    short = _staff("support_1", [0])
+    long = _staff("support_1", [d for d in range(31) if d % 7 < 5])
+    f_short = run([*short, _read("support_1", T0 + timedelta(days=1, **evening))])
+    f_long = run([*long, _read("support_1", T0 + timedelta(days=31, **evening))])
+    assert f_short.row(-1, named=True)["off_hours"] < 0.9
+    assert f_short.row(-1, named=True)["off_hours_sensitive_rows_excess"] == 0.0
+    assert f_long.row(-1, named=True)["off_hours"] > 0.8
+    assert f_long.row(-1, named=True)["off_hours_sensitive_rows_excess"] > 3.0
+
+
+def test_a_lookup_after_a_scrape_does_not_carry_the_scrape() -> None:
+    """A scrape's volume is the evidence of the scrape's pages, not of the agent's ordinary
+    lookup an hour later from the same address."""
+    settings = FeatureSettings(table_rows={"public.accounts": 20_000})
+    base = _staff("support_1", [0, 1, 2])
+    t = T0 + timedelta(days=3, hours=10)
+    pages = [
+        _read("support_1", t + timedelta(seconds=30 * k), rows=200, session_id="scrape")
+        for k in range(100)
+    ]
+    later = {**base[0], "event_time": t + timedelta(minutes=50 + 60), "session_id": "later"}
+    feats = FeatureEngine(settings).transform(make_events([*base, *pages, later]))
+    last_page, f_later = feats.row(-2, named=True), feats.row(-1, named=True)
+    for name in ("sensitive_rows_1h_excess", "sensitive_rows_24h_excess", "table_coverage_excess"):
+        assert last_page[name] > 1.0, name
+        assert f_later[name] == 0.0, name  # the volume is still high, but not this event's
+    # every page sustained the volume (each replaced what decayed since the one before)
+    scrape = feats.filter(pl.col("session_id") == "scrape")
+    assert (scrape["sensitive_rows_1h_excess"].tail(80) > 0.0).all()
+
+
+def test_coverage_is_compared_with_the_principals_own_past_of_that_table() -> None:
+    """An analyst who reads a quarter of the accounts every day and one client at a time has
+    not read the client list before: reading all of it is an excess, of that table."""
+    settings = FeatureSettings(table_rows={"public.accounts": 20_000, "public.clients": 1_000})
+    rows: list[dict[str, object]] = []
+    for d in range(3):
+        at = T0 + timedelta(days=d, hours=10)
+        rows.append(_read("ann", at, rows=5000, db_user="ann"))
+        for k in range(5):
+            rows.append(
+                {
+                    **_read("ann", at + timedelta(minutes=5 + k), rows=1),
+                    "objects": ["public.clients"],
+                    "statement_text": f"SELECT * FROM public.clients WHERE id = {k}",
+                }
+            )
+    whole = {
+        **_read("ann", T0 + timedelta(days=3, hours=10), rows=1000),
+        "objects": ["public.clients"],
+        "statement_text": "SELECT id, name, email FROM public.clients",
+    }
+    accounts_again = _read("ann", T0 + timedelta(days=3, hours=11), rows=5000)
+    feats = FeatureEngine(settings).transform(make_events([*rows, whole, accounts_again]))
+    f_whole, f_again = feats.row(-2, named=True), feats.row(-1, named=True)
+    assert f_whole["coverage_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # log10(1 + 1e4 x coverage): all of it against 0.5% of it before, less the allowance
+    assert f_whole["table_coverage_excess"] > 2.0
+    assert f_again["table_coverage_excess"] == 0.0
+
+
+def test_a_table_whose_size_was_unknown_has_no_past_coverage() -> None:
+    """Sizes are learnt from whole reads: the first coverage anyone has of a table (after the
+    month's first invoice run read it whole) is no rise over a past nobody could measure."""
+    job = {
+        "event_time": T0 + timedelta(days=2, hours=4),
+        "db_user": "billing",
+        "objects": ["public.clients"],
+        "rows_returned": 1000,
+        "statement_text": "SELECT id, name FROM public.clients",
+    }
+    lookups = [
+        {
+            "event_time": T0 + timedelta(days=d, hours=10, minutes=k),
+            "db_user": "support_1",
+            "objects": ["public.clients"],
+            "rows_returned": 20 if d == 2 else 1,
+            "statement_text": f"SELECT * FROM public.clients WHERE plan = {k}",
+        }
+        for d in range(3)
+        for k in range(10)
+    ]
+    feats = run(sorted([job, *lookups], key=lambda r: r["event_time"]))  # type: ignore[arg-type, return-value]
+    day2 = feats.filter(
+        (pl.col("db_user") == "support_1") & (pl.col("event_time").dt.day() == T0.day + 2)
+    )
+    assert day2["coverage_ratio"].max() > 0.0  # the size is known now
+    assert day2["table_coverage_excess"].max() == 0.0
+
+
+def test_session_counts_weigh_by_the_sessions_behind_the_bar() -> None:
+    """The same 240-statement session: against an application's thousands of short sessions
+    it is a full-weight excess; against an analyst's few sessions, a fraction of it."""
+    many = _sessions("app_api", 3, 3)  # 180 sessions
+    few = [r for r in many if int(str(r["session_id"]).split("-")[-1]) < 2]  # 6 sessions
+    t = T0 + timedelta(days=3, hours=10)
+
+    def scraped(base: list[dict[str, object]]) -> dict[str, object]:
+        scrape = [
+            {**base[0], "event_time": t + timedelta(seconds=2 * j), "session_id": "scraper"}
+            for j in range(240)
+        ]
+        row: dict[str, object] = run([*base, *scrape]).row(-1, named=True)
+        return row
+
+    f_many, f_few = scraped(many), scraped(few)
+    assert f_many["sessions_seen"] > 100 and f_few["sessions_seen"] < 10
+    assert f_many["session_statements_excess"] > 2.0
+    assert 0.0 < f_few["session_statements_excess"] < 0.6 * f_many["session_statements_excess"]
+
+
+def test_a_first_days_new_queries_teach_an_open_vocabulary() -> None:
+    """Nothing is new in a principal's first day, but the habit learns from that day what was
+    first seen in it: the analyst who wrote 20 queries on day one is not surprised by a new
+    one on day two; the application that ran 3 shapes 180 times is."""
+    analyst = [
+        {
+            "event_time": T0 + timedelta(hours=9, minutes=10 * k),
+            "db_user": "ann",
+            "objects": ["public.invoices"],
+            "rows_returned": 5,
+            "statement_text": f"SELECT * FROM public.invoices WHERE month = {k} AND plan_{k} = 1",
+        }
+        for k in range(20)
+    ]
+    app = _sessions("app_api", 1, 3)
+    new = {
+        "event_time": T0 + timedelta(days=1, hours=10),
+        "objects": ["public.invoices"],
+        "rows_returned": 5,
+        "statement_text": "SELECT * FROM public.invoices WHERE amount > 100",
+    }
+    f_ann = run([*analyst, {**new, "db_user": "ann"}]).row(-1, named=True)
+    f_app = run([*app, {**new, "db_user": "app_api"}]).row(-1, named=True)
+    assert f_app["new_shape_excess"] > 0.7  # one shape in 180 statements: -log10(1/180) / 3
+    assert 0.0 < f_ann["new_shape_excess"] < 0.5 * f_app["new_shape_excess"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "per_tenant"),
+    [
+        ("SELECT client_id, count(*), sum(balance) FROM accounts GROUP BY client_id", 1.0),
+        ("SELECT c.id, sum(i.amount) FROM clients c JOIN invoices i ON i.client_id = c.id"
+         " GROUP BY c.id ORDER BY 2 DESC LIMIT 20", 0.0),
+        ("SELECT plan_id, count(*) FROM clients GROUP BY plan_id", 0.0),
+        ("SELECT count(*) FROM accounts WHERE status = 'active'", 0.0),
+        ("SELECT client_id, count(*) FROM accounts WHERE client_id = 7 GROUP BY client_id", 0.0),
+    ],
+)
+def test_an_aggregate_over_all_tenants_is_one_figure_per_tenant_for_every_tenant(
+    sql: str, per_tenant: float
+) -> None:
+    f = run([{"db_user": "ann", "objects": None, "rows_returned": 20, "statement_text": sql}])
+    assert f.row(-1, named=True)["aggregate_all_tenants"] == per_tenant
+
+
+def test_a_record_stamped_months_ahead_does_not_stall_the_state() -> None:
+    """One line of a real server's log carried the wall clock instead of the server's time:
+    held at the stream's time, it leaves every later count decaying as before; a stream that
+    really resumes days later moves on at its second record."""
+    base = _staff("support_1", [0, 1, 2])
+    glitch = {**base[-1], "event_time": T0 + timedelta(days=210)}
+    after = _staff("support_1", [3])
+    # what it is scored as: the same record at the time the stream had reached
+    clean = FeatureEngine()
+    clean.transform(make_events([*base, {**glitch, "event_time": base[-1]["event_time"]}]))
+    want = clean.transform(make_events(after)).select(COMPARED)
+    engine = FeatureEngine()
+    engine.transform(make_events([*base, glitch]))
+    got = engine.transform(make_events(after)).select(COMPARED)
+    assert engine.events_time_held_ == 1
+    assert engine.last_event_time_ == pytest.approx(after[-1]["event_time"].timestamp())  # type: ignore[attr-defined]
+    # (the held record's hour of the day is the one it claims: the hour bins differ by it)
+    assert_same(want.drop("hour_share", "off_hours"), got.drop("hour_share", "off_hours"))
+    # a real jump: the first record of it is held, the second moves the stream on
+    resumed = _staff("support_1", [30])
+    engine.transform(make_events(resumed[:2]))
+    assert engine.events_time_held_ == 2
+    assert engine.last_event_time_ == pytest.approx(resumed[1]["event_time"].timestamp())  # type: ignore[attr-defined]

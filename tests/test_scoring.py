@@ -20,7 +20,13 @@ from detector.scoring import artefact as store
 from detector.scoring.ensemble import Ensemble, fit_ensemble
 from detector.scoring.explain import explain, feature_stats
 from detector.scoring.forest import Forest, fit_forest, flatten, sklearn_anomaly_score
-from detector.scoring.threshold import calibrate, calibrate_regimes, regime_days, severity
+from detector.scoring.threshold import (
+    MIN_REGIME_DAYS,
+    calibrate,
+    calibrate_regimes,
+    regime_days,
+    severity,
+)
 
 
 @settings(max_examples=25, deadline=None)
@@ -259,12 +265,13 @@ def test_ensemble_round_trip_scores_the_same_and_refuses_tampering(tmp_path: Pat
 
 @pytest.mark.parametrize("start_day", range(7))
 def test_calibration_holds_whichever_weekday_the_history_starts_on(start_day: int) -> None:
-    """Weekdays are busy and noisy, weekends quiet: the threshold is set by the regime that
-    needs the higher one, whatever day the calibration span starts on."""
+    """Weekdays are busy and noisy, weekends quiet: the threshold keeps all days together, and
+    each regime with days enough of its own, within the budget, whatever day the calibration
+    span starts on; a regime of fewer days does not set one alone."""
     rng = np.random.default_rng(start_day)
     t0 = datetime(2026, 3, 2, tzinfo=UTC) + timedelta(days=start_day)  # 2026-03-02 is a Monday
     times, scores = [], []
-    for d in range(4):
+    for d in range(10):
         day = t0 + timedelta(days=d)
         weekend = day.isoweekday() >= 6
         n = 200 if weekend else 2000
@@ -277,13 +284,77 @@ def test_calibration_holds_whichever_weekday_the_history_starts_on(start_day: in
         return int(((s >= t) & rows).sum())
 
     regimes = regime_days(frame["event_time"])
-    assert sum(regimes.values()) == pytest.approx(4.0, abs=0.01)
+    assert sum(regimes.values()) == pytest.approx(10.0, abs=0.01)
     cal = calibrate_regimes(
         s, frame["event_time"], incidents_at, regimes=regimes, budget_per_day=1.0
     )
     weekday = frame["event_time"].dt.weekday().to_numpy() < 6
-    # the weekday days, the noisy regime, stay within one incident a day (the nearest whole
-    # number of incidents over their span)
-    assert incidents_at(weekday, cal.value) <= int(regimes["weekday"] * 1.0 + 0.5)
-    assert cal.regimes["weekday"] == cal.value or cal.value == 2.0
+    every = np.ones_like(weekday)
+    assert incidents_at(every, cal.value) <= 10
+    for name, rows in (("weekday", weekday), ("weekend", ~weekday)):
+        if regimes[name] >= MIN_REGIME_DAYS:
+            # the nearest whole number of incidents over the regime's span
+            assert incidents_at(rows, cal.value) <= int(regimes[name] + 0.5), name
+            assert name in cal.regimes
+        else:
+            assert name not in cal.regimes
+    # the noisy regime is the one that needs the higher bar
+    assert cal.value == max(2.0, *cal.regimes.values()) == max(2.0, cal.regimes["weekday"])
     assert cal.bands["medium"] == cal.value + 1.0 and cal.bands["high"] == cal.value + 2.0
+
+
+def test_two_days_of_a_regime_do_not_set_the_threshold_alone() -> None:
+    """Four calibration days, two of them weekdays, one of which holds the month's invoice run
+    and a DBA's first login: all four days together set the bar."""
+    t0 = datetime(2026, 4, 1, tzinfo=UTC)  # a Wednesday: Thu, Fri, Sat, Sun follow
+    times = [t0 + timedelta(days=d, hours=h) for d in range(1, 5) for h in range(24)]
+    s = np.full(len(times), 1.0)
+    s[[3, 10]] = [13.8, 8.7]  # Thursday: two rare things
+    s[[30, 60]] = [6.0, 5.9]  # Friday and Saturday: one each, milder
+    frame = pl.DataFrame({"event_time": times}, schema={"event_time": pl.Datetime("us", "UTC")})
+
+    def incidents_at(rows: np.ndarray, t: float) -> int:
+        return int(((s >= t) & rows).sum())
+
+    regimes = regime_days(frame["event_time"])
+    assert regimes["weekday"] < MIN_REGIME_DAYS and regimes["weekend"] < MIN_REGIME_DAYS
+    cal = calibrate_regimes(
+        s, frame["event_time"], incidents_at, regimes=regimes, budget_per_day=1.0
+    )
+    assert set(cal.regimes) == {"all"}
+    assert 2.0 <= cal.value < 5.9  # four days allow the four incidents
+    assert incidents_at(np.ones(len(s), dtype=bool), cal.value) == 4
+
+
+def test_a_value_just_past_the_training_top_is_about_as_rare_as_the_top() -> None:
+    """Above the top 1% of training values the rarity follows the tail fitted there: a value
+    a hair past the highest one seen is not one in all N at once, and it keeps growing."""
+    rng = np.random.default_rng(3)
+    n, f = 5000, len(MODEL_FEATURES)
+    X = np.zeros((n, f))
+    j = MODEL_FEATURES.index("off_hours")
+    X[: n // 10, j] = rng.uniform(0.6, 0.8, n // 10)  # a tenth of the rows: night-time work
+    model, _ = fit_ensemble(X, MODEL_FEATURES, np.asarray(PLAUSIBLE), n_trees=20, seed=3)
+    top = float(X[:, j].max())
+
+    def hour(v: float) -> float:
+        return float(model.surprises(_row(off_hours=v))[0, model.names.index("hour")])
+
+    at_top, past, far = hour(top), hour(top + 0.01), hour(1.0)
+    assert past - at_top < 0.5
+    assert past < np.log10(n + 1) - 0.5  # short of one in all the rows
+    assert far > past + 0.8  # and rarer the further past the top
+
+
+def test_a_bounded_signal_from_habitual_to_never_spans_its_whole_tail() -> None:
+    """COPY is habitual for some rows (surprise 0.1: the backup), never done for the row
+    scored: the step from 0.1 to 1 is as rare as a never-seen signal can be."""
+    rng = np.random.default_rng(4)
+    n, f = 5000, len(MODEL_FEATURES)
+    X = np.where(rng.random((n, f)) < 0.3, rng.uniform(0.0, 0.2, (n, f)), 0.0)
+    j = MODEL_FEATURES.index("copy_out_excess")
+    X[:, j] = 0.0
+    X[:50, j] = 0.1
+    model, _ = fit_ensemble(X, MODEL_FEATURES, np.asarray(PLAUSIBLE), n_trees=20, seed=4)
+    first_copy = float(model.score(_row(copy_out_excess=1.0))[0])
+    assert first_copy > np.log10(n + 1)

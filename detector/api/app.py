@@ -221,6 +221,7 @@ def create_app(service: Service) -> FastAPI:
             "created_at": meta.get("created_at"),
             "feature_state": {
                 "events_seen": service.scorer.engine.events_seen_,
+                "events_time_held": service.scorer.engine.events_time_held_,
                 "principals": len(service.scorer.engine.principals_),
             },
             "aliases": artefact.aliases(service.settings.models_dir / service.settings.model),

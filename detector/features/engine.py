@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from detector.features.sqlshape import (
 )
 from detector.schema import ACTIONS
 
-ENGINE_VERSION: Final = 6
+ENGINE_VERSION: Final = 7
 
 #: Columns of the model's input, in order. Every one is >= 0 and 0 means "as usual".
 MODEL_FEATURES: Final = (
@@ -75,6 +76,10 @@ CONTEXT_COLUMNS: Final = (
     "statement_text",
     "fingerprint",
 )
+
+#: An event stamped more than this past the latest time the stream has reached is held at
+#: that time, unless the next event agrees with it (a day: longer than any quiet night).
+MAX_AHEAD_S: Final = 86400.0
 
 #: Growth that is still usual: up to 1.5x a count's previous high is no excess (a growing
 #: customer base grows every habitual job); habits (0/1 shares) get no allowance.
@@ -128,6 +133,9 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_OFF_HOURS_SHARE] = 0.1
     p[K.P_SETTLED] = 100.0
     p[K.P_THIN] = 500.0
+    p[K.P_HOUR_PRIOR] = 1.0
+    p[K.P_DAY_PRIOR] = 1.0
+    p[K.P_OFF_DAY_RATIO] = 0.5
     return p
 
 
@@ -170,6 +178,7 @@ def _model_matrix(out: np.ndarray) -> np.ndarray:
     typical_or_none = np.where(np.isnan(typical), 0.0, typical)
     excess = np.maximum(0.0, np.nan_to_num(values - typical_or_none - _ALLOWANCE, nan=0.0))
     excess[:, K.Q_COV] = np.where(np.isnan(typical[:, K.Q_COV]), 0.0, excess[:, K.Q_COV])
+    excess[:, _SESSION_QS] *= session_evidence(out[:, K.O_SESSIONS])[:, None]
     return np.column_stack(
         [
             excess,
@@ -180,6 +189,25 @@ def _model_matrix(out: np.ndarray) -> np.ndarray:
             out[:, K.O_NEW_PRINCIPAL],
         ]
     )
+
+
+#: Session counts compared with the principal's usual sessions weigh by how many sessions
+#: that bar stands for: exceeding the largest of n sessions happens one time in n + 1 by
+#: chance, so the excess counts in full from SESSIONS_FULL sessions (an application's few
+#: hours) and in proportion to log(1 + n) below (a monthly job's one run a day, an analyst's
+#: few sessions a week).
+SESSIONS_FULL: Final = 1000.0
+_SESSION_QS: Final = [K.Q_SESS, K.Q_SESS_SHAPES, K.Q_SESS_ROWS, K.Q_SESS_TABLES]
+
+
+def session_evidence(sessions: np.ndarray) -> np.ndarray:
+    """Weight in [0, 1] of a session excess over a bar set by ``sessions`` sessions.
+
+    >>> session_evidence(np.array([0.0, 9.0, 999.0, 5000.0])).round(3)
+    array([0.   , 0.333, 1.   , 1.   ])
+    """
+    n = np.nan_to_num(np.maximum(sessions, 0.0), nan=0.0)
+    return np.asarray(np.minimum(1.0, np.log10(1.0 + n) / np.log10(1.0 + SESSIONS_FULL)))
 
 
 #: A habit done at most this often (share of the principal's events) is fully surprising.
@@ -236,6 +264,10 @@ class FeatureEngine:
         self.size_ = 0
         self.events_seen_ = 0
         self.last_event_time_: float | None = None
+        #: Time of an event held at the watermark for being far ahead of it (NaN: none), and
+        #: how many events were held (see detector.features.kernel.hold_times).
+        self.time_pending_ = math.nan
+        self.events_time_held_ = 0
         #: The first event time the engine saw: principals there from the first day are not
         #: "new principals", only unknown ones.
         self.first_event_time_: float | None = None
@@ -261,13 +293,18 @@ class FeatureEngine:
         prep = self._prepare(events)
         if self.first_event_time_ is None:  # the first event in arrival order
             self.first_event_time_ = float(prep["t"][0])
+        watermark = math.nan if self.last_event_time_ is None else self.last_event_time_
+        times, watermark, self.time_pending_, held = K.hold_times(
+            prep["t"].to_numpy(), watermark, self.time_pending_, MAX_AHEAD_S
+        )
+        self.events_time_held_ += held
         events = events.with_columns(
             tenant_id=self._tenants(events, prep), fingerprint=prep["fp"].cast(pl.Int64)
         )
         cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
         pidx, peer = self._principal_index(events["db_user"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
-            cols["t"],
+            times,
             pidx,
             peer,
             self._ids(events["client_ip"]),
@@ -299,10 +336,7 @@ class FeatureEngine:
             _CAP,
         )
         self.events_seen_ += n
-        batch_max = float(cols["t"].max())
-        self.last_event_time_ = (
-            batch_max if self.last_event_time_ is None else max(self.last_event_time_, batch_max)
-        )
+        self.last_event_time_ = watermark
         batch = FeatureBatch(events, out, _model_matrix(out), prep["tables"])
         self.model_matrix_ = batch.model
         return batch
@@ -352,10 +386,13 @@ class FeatureEngine:
             table_id=pl.col("table_id").fill_null(0),
             known_size=pl.col("known_size").fill_null(float("nan")),
             sensitive=pl.col("sensitive").fill_null(False),
+            # one figure per tenant for every tenant: the client list's usage counts (a
+            # top-20 report has a LIMIT; a count over a sensitive table is one figure)
             agg_all=pl.col("reading")
             & aggregate
             & no_tenant_filter
-            & (pl.col("group_by_tenant").fill_null(False) | pl.col("sensitive").fill_null(False)),
+            & pl.col("group_by_tenant").fill_null(False)
+            & ~pl.col("has_limit").fill_null(False),
             bulk=pl.col("reading")
             & (kind == _KIND_SELECT)
             & pl.col("sensitive").fill_null(False)
@@ -541,6 +578,8 @@ class FeatureEngine:
             "events_seen": self.events_seen_,
             "last_event_time": self.last_event_time_,
             "first_event_time": self.first_event_time_,
+            "time_pending": None if math.isnan(self.time_pending_) else self.time_pending_,
+            "events_time_held": self.events_time_held_,
         }
         js = directory / "state.json"
         js.write_text(json.dumps(meta, indent=1))
@@ -579,3 +618,6 @@ class FeatureEngine:
         self.events_seen_ = int(meta["events_seen"])
         self.last_event_time_ = meta["last_event_time"]
         self.first_event_time_ = meta.get("first_event_time")
+        pending = meta.get("time_pending")
+        self.time_pending_ = math.nan if pending is None else float(pending)
+        self.events_time_held_ = int(meta.get("events_time_held", 0))

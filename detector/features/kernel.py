@@ -42,7 +42,10 @@ K_ADDR_SENS1H: Final = 16  # (principal, address): decayed sensitive rows, tau 1
 K_ADDR_SENS24H: Final = 17  # (principal, address): decayed sensitive rows, tau 24 h
 K_ADDR_NEW_RUNS: Final = 18  # (principal, address): decayed runs of new shapes, tau 1 h
 K_TABLE_SEEN: Final = 19  # (principal, table): first read (va) and last read (ta)
-N_KINDS: Final = 20
+K_COV_HIGH: Final = 20  # (principal, table): highest coverage of the table before today
+K_COV_TODAY: Final = 21  # (principal, table): highest coverage today (ta: when)
+K_TABLE_COV: Final = 22  # (principal, (address, table)): decayed rows read, tau P_TAU_COV
+N_KINDS: Final = 23
 
 EMPTY: Final = np.int64(-(2**63))
 
@@ -62,7 +65,10 @@ P_SESSION_EXPIRY: Final = 15
 P_OFF_HOURS_SHARE: Final = 16
 P_SETTLED: Final = 17  # events of its own history at which a principal's hours weigh half
 P_THIN: Final = 18  # below this decayed event count a principal is compared with its peers too
-N_PARAMS: Final = 19
+P_HOUR_PRIOR: Final = 19  # pseudo-events per hour of the day before any hour is known
+P_DAY_PRIOR: Final = 20  # pseudo-days (weekdays and weekend days in proportion) before any is known
+P_OFF_DAY_RATIO: Final = 21  # a day type worked at most this share of its due is a rare one
+N_PARAMS: Final = 22
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
 QUANTITIES: Final = (
@@ -83,7 +89,7 @@ QUANTITIES: Final = (
     "off_hours_sensitive_rows",  # session_sensitive_rows, in an hour the principal rarely works
     "new_shape_runs_1h",  # log1p(decayed statements of shapes new to the principal, tau 1 h)
     # habits, compared with how often the principal does them
-    "aggregate_all_tenants",  # 0/1: aggregate or GROUP BY over tenants, no tenant filter
+    "aggregate_all_tenants",  # 0/1: aggregate per tenant over all of them (no filter, no LIMIT)
     "bulk_sensitive_read",  # 0/1: sensitive table read without a tenant filter
     "copy_out",  # 0/1: COPY ... TO / dump
     "new_address",  # 0/1: address first seen for this principal within the last day
@@ -123,8 +129,9 @@ NB: Final = len(QUANTITIES)
 NC: Final = Q_AGG  # quantities before this index are counts/volumes, the rest are habits
 
 # --- per-principal state columns ------------------------------------------------------------
-# columns 3 and 4 are free (sensitive volumes are kept per principal and address, in pairs)
+# column 4 is free (sensitive volumes are kept per principal and address, in pairs)
 S_LAST_T, S_SEEN, S_RATE, S_TEN, S_TAB, S_FAIL = 0, 1, 2, 5, 6, 7
+S_SESS_W: Final = 3  # sessions, decayed like the habits' event weight
 S_BASE_W, S_WIN_START, S_FIRST_T = 8, 9, 10
 HIGH_DAYS: Final = 35  # the previous high spans this many active days (monthly jobs too)
 S_LAST_DAY, S_SLOT = 11, 12  # day number of the current ring slot (-1: none yet), its index
@@ -134,7 +141,11 @@ S_HIST0: Final = S_RATE0 + (NB - NC)  # 24 hour-of-day bins
 S_SNAP_DAY: Final = S_HIST0 + 24  # day number of the habit snapshot (0: none yet)
 S_SNAP0: Final = S_SNAP_DAY + 1  # NB - NC habit shares as they stood when that day began
 S_HSNAP0: Final = S_SNAP0 + (NB - NC)  # 24 hour-of-day bins as they stood when it began
-N_STATE: Final = S_HSNAP0 + 24
+# active days, decayed like the hours: weekend days, weekdays, and the last day counted (+1)
+S_DAYS_WE: Final = S_HSNAP0 + 24
+S_DAYS_WD: Final = S_DAYS_WE + 1
+S_ACTIVE_DAY: Final = S_DAYS_WE + 2
+N_STATE: Final = S_DAYS_WE + 3
 
 # --- per-principal daily highs, an array of their own ---------------------------------------
 #: HIGH_DAYS x NC daily highs (closed windows only), a ring of active days: six in seven of
@@ -153,8 +164,9 @@ O_OFF_HOURS, O_HOUR_SHARE, O_FAIL_ADDR, O_FAIL_PRINCIPAL, O_NEW_PRINCIPAL = (
     2 * NB + 3,
     2 * NB + 4,
 )
-O_COVERAGE, O_TABLE_ROWS = 2 * NB + 5, 2 * NB + 6
-N_OUT: Final = 2 * NB + 7
+O_COVERAGE, O_TABLE_ROWS, O_DAY_RATIO = 2 * NB + 5, 2 * NB + 6, 2 * NB + 7
+O_SESSIONS: Final = 2 * NB + 8
+N_OUT: Final = 2 * NB + 9
 EXTRA_OUTPUTS: Final = (
     "off_hours",
     "hour_share",
@@ -163,11 +175,21 @@ EXTRA_OUTPUTS: Final = (
     "new_principal",
     "coverage_ratio",
     "table_rows",
+    "day_type_ratio",
+    "sessions_seen",
 )
 OUT_COLUMNS: Final = tuple(
     [name for q in QUANTITIES for name in (q, f"{q}_typical")] + list(EXTRA_OUTPUTS)
 )
 COV_SCALE: Final = 1e4
+#: A volume over a window is an event's evidence while the event sustains it: when the event
+#: adds less than this share of what the counter lost to decay since its last event, it only
+#: trails a past burst (an agent's one-row lookup an hour after a scrape from the same address)
+#: and the volume is reported unknown for it, so it carries no excess. A steady scraper's page
+#: replaces what decayed since the previous page, a growing burst more.
+REPLENISH: Final = 0.5
+#: ... of what it lost over this share of its time constant at least (5 minutes of a day).
+SUSTAIN_SPAN: Final = 1.0 / 288.0
 #: A window high or daily high that holds no known value yet (every known value is >= 0).
 UNKNOWN: Final = -1.0
 
@@ -225,15 +247,22 @@ def _accumulate(
     now: float,
     tau: float,
     add: float,
-) -> tuple[float, int]:  # pragma: no cover - compiled
-    """Decay the (kind, a, b) counter to ``now``, add ``add``; (new value, entries added)."""
+) -> tuple[float, int, bool]:  # pragma: no cover - compiled
+    """Decay the (kind, a, b) counter to ``now``, add ``add``; (new value, entries added,
+    whether this event sustains it: it adds at least REPLENISH of what decayed since the
+    counter's last event, or over SUSTAIN_SPAN of ``tau`` if that is longer, so it keeps a
+    volume growing rather than trailing a past one)."""
     k = pair_key(kind, a, b)
     j = _find(keys, k)
     added = 0
+    lost = 0.0
     if keys[j] == EMPTY or now - ta[j] > 8.0 * tau:
         value = 0.0
     else:
         value = va[j] * math.exp(-max(0.0, now - ta[j]) / tau)
+        # measured over SUSTAIN_SPAN of the window at least: many tiny events in a row do
+        # not each sustain a day's volume read an hour ago
+        lost = va[j] * (1.0 - math.exp(-max(now - ta[j], tau * SUSTAIN_SPAN) / tau))
     if keys[j] == EMPTY:
         keys[j] = k
         kinds[j] = kind
@@ -241,7 +270,7 @@ def _accumulate(
     value += add
     va[j] = value
     ta[j] = max(ta[j], now) if value > add else now
-    return value, added
+    return value, added, add >= REPLENISH * lost
 
 
 @njit(cache=True, inline="always")
@@ -311,6 +340,156 @@ def _first_seen(
         added = 1
     ta[j] = max(ta[j], now)
     return float(va[j]), added
+
+
+@njit(cache=True, inline="always")
+def _slot(
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    kind: int,
+    a: int,
+    b: int,
+    now: float,
+) -> tuple[int, int]:  # pragma: no cover - compiled
+    """The entry of (kind, a, b), made (value UNKNOWN, time ``now``) if absent; (its index,
+    entries added)."""
+    k = pair_key(kind, a, b)
+    j = _find(keys, k)
+    if keys[j] != EMPTY:
+        return j, 0
+    keys[j] = k
+    kinds[j] = kind
+    va[j] = UNKNOWN
+    ta[j] = now
+    return j, 1
+
+
+@njit(cache=True, inline="always")
+def _pair_high(
+    keys: np.ndarray,
+    kinds: np.ndarray,
+    ta: np.ndarray,
+    va: np.ndarray,
+    a: int,
+    b: int,
+    now: float,
+    value: float,
+    cap: float,
+    expiry: float,
+) -> tuple[float, int]:  # pragma: no cover - compiled
+    """The highest ``value`` of (a, b) on earlier days (UNKNOWN if none), then record
+    ``value`` for today; (that high, entries added). Today's high joins the earlier ones when
+    a later day begins, rising by at most ``cap`` over them (like the principal's highs).
+    Entries unused for ``expiry`` are forgotten."""
+    jh, added_h = _slot(keys, kinds, ta, va, K_COV_HIGH, a, b, now)
+    jt, added_t = _slot(keys, kinds, ta, va, K_COV_TODAY, a, b, now)
+    added = added_h + added_t
+    if now - ta[jt] > expiry or now - ta[jh] > expiry:  # forgotten: nothing known
+        va[jh] = UNKNOWN
+        va[jt] = UNKNOWN
+    today = math.floor(now / 86400.0)
+    if va[jt] >= 0.0 and math.floor(ta[jt] / 86400.0) < today:  # an earlier day closed
+        high = va[jh]
+        va[jh] = va[jt] if high < 0.0 else max(high, min(va[jt], high + cap))
+        va[jt] = UNKNOWN
+    previous = va[jh]
+    if math.floor(ta[jt] / 86400.0) <= today:
+        va[jt] = max(va[jt], value)
+    ta[jt] = max(ta[jt], now)
+    ta[jh] = max(ta[jh], now)
+    return previous, added
+
+
+@njit(cache=True, inline="always")
+def _day_ratio(
+    ps: np.ndarray,
+    p: int,
+    day_now: float,
+    weekend: bool,
+    elapsed_we: float,
+    elapsed_wd: float,
+    params: np.ndarray,
+) -> float:  # pragma: no cover - compiled
+    """Count today as an active day of row ``p`` (decaying the earlier ones) and return how
+    often, before today, it was active on days of today's kind (weekend or weekday) against
+    how often on the other kind: the share of such days of the stream (``elapsed_*``, decayed
+    alike) it was active on, each shrunk to its overall share by P_DAY_PRIOR pseudo-days. 1
+    (or more, capped) is as often, 0 never; with no such day elapsed yet, 1."""
+    mark = day_now + 1.0  # 0: no day counted yet
+    counted = ps[p, S_ACTIVE_DAY]
+    if mark > counted:
+        if counted > 0.0:
+            f = math.exp(-(mark - counted) * 86400.0 / params[P_TAU_HOUR])
+            ps[p, S_DAYS_WE] *= f
+            ps[p, S_DAYS_WD] *= f
+        ps[p, S_DAYS_WE if weekend else S_DAYS_WD] += 1.0
+        ps[p, S_ACTIVE_DAY] = mark
+    we, wd = ps[p, S_DAYS_WE], ps[p, S_DAYS_WD]
+    if ps[p, S_ACTIVE_DAY] == mark:  # judged by the days before today
+        if weekend:
+            we -= 1.0
+        else:
+            wd -= 1.0
+    we, wd = max(0.0, we), max(0.0, wd)
+    elapsed = elapsed_we + elapsed_wd
+    if elapsed <= 0.0:
+        return 1.0
+    overall = min(1.0, (we + wd) / elapsed)
+    prior = params[P_DAY_PRIOR]
+    rate_we = (min(we, elapsed_we) + prior * overall) / (elapsed_we + prior)
+    rate_wd = (min(wd, elapsed_wd) + prior * overall) / (elapsed_wd + prior)
+    mine, other = (rate_we, rate_wd) if weekend else (rate_wd, rate_we)
+    return min(1.0, mine / other) if other > 0.0 else 1.0
+
+
+@njit(cache=True)
+def hold_times(
+    t: np.ndarray, watermark: float, pending: float, max_ahead: float
+) -> tuple[np.ndarray, float, float, int]:  # pragma: no cover - compiled
+    """The times the state advances by: an event more than ``max_ahead`` seconds past the
+    ``watermark`` (the latest time the stream has reached; NaN: none yet) is held at the
+    watermark unless the event before it was ahead too and this one agrees with it (a stream
+    that resumes after a long gap moves on at its second event); a lone record stamped months
+    ahead by a clock glitch does not carry the state into the future, where every later
+    event would be in its past and no count would ever decay. Returns (times, watermark,
+    pending time of a held event or NaN, events held)."""
+    out = t.copy()
+    held = 0
+    for i in range(t.shape[0]):
+        x = t[i]
+        if math.isnan(watermark) or x <= watermark + max_ahead:
+            watermark = x if math.isnan(watermark) else max(watermark, x)
+            pending = math.nan
+        elif not math.isnan(pending) and x >= pending - max_ahead:
+            watermark = x  # the stream has moved on
+            pending = math.nan
+        else:
+            pending = x
+            out[i] = watermark
+            held += 1
+    return out, watermark, pending, held
+
+
+@njit(cache=True)
+def _elapsed_days(stream_start: float, day_now: float, tau: float) -> tuple[float, float]:
+    """Weekend days and weekdays of the stream before ``day_now``, each weighted by its decay
+    to ``day_now`` (time constant ``tau`` seconds), as the active days are, and the first by
+    the share of it after ``stream_start``."""  # pragma: no cover
+    first = math.floor(stream_start / 86400.0)
+    we, wd = 0.0, 0.0
+    d = day_now - 1.0
+    while d >= first and (day_now - d) * 86400.0 <= 8.0 * tau:
+        w = math.exp(-(day_now - d) * 86400.0 / tau)
+        if d == first:  # the stream's first day counts for the part of it the stream covers
+            w *= min(1.0, ((first + 1.0) * 86400.0 - stream_start) / 86400.0)
+        if (d + 3) % 7 >= 5:
+            we += w
+        else:
+            wd += w
+        d -= 1.0
+    return we, wd
 
 
 @njit(cache=True, inline="always")
@@ -400,8 +579,11 @@ def run(
     n = t.shape[0]
     out = np.empty((n, N_OUT), dtype=np.float64)
     vals = np.empty(NB, dtype=np.float64)
+    rising = np.ones(NB, dtype=np.bool_)
+    learn = np.zeros(NB - NC, dtype=np.float64)
+    elapsed_day, elapsed_we, elapsed_wd = -1.0, 0.0, 0.0
     for i in range(n):
-        if 2 * (size + 24) > keys.shape[0]:  # an event adds at most 16 entries
+        if 2 * (size + 24) > keys.shape[0]:  # an event adds at most 21 entries
             keys, kinds, ta, va, size = rebuild(keys, kinds, ta, va, expiry, t[i], 0)
         p = pidx[i]
         g = peer[i]  # the row of the principal's peer group, or -1
@@ -418,7 +600,9 @@ def run(
         known_rows = not math.isnan(r)
         reading = action[i] == A_READ or action[i] == A_COPY
 
-        # novelty of address and client app for this principal
+        # novelty of address and client app for this principal (and whether each thing is seen
+        # for the first time now, which the habits learn from while the principal is young)
+        fresh_addr = fresh_app = fresh_shape = fresh_any = fresh_table = False
         new_addr = 0.0
         if addr[i] != 0:
             k = pair_key(K_ADDR_PAIR, p, addr[i])
@@ -431,6 +615,7 @@ def run(
                 size += 1
             ta[j] = max(ta[j], now)
             new_addr = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            fresh_addr = va[j] == now
         new_app = 0.0
         if app[i] != 0:
             k = pair_key(K_APP_PAIR, p, app[i])
@@ -443,6 +628,7 @@ def run(
                 size += 1
             ta[j] = max(ta[j], now)
             new_app = _novel(va[j], now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            fresh_app = va[j] == now
 
         # distinct tenants in a short window
         if tenant[i] != 0:
@@ -459,6 +645,7 @@ def run(
         # distinct tables, coverage of this table, learned table size
         coverage = 0.0
         tsize = math.nan
+        cov_rising = True
         if table[i] != 0:
             k = pair_key(K_TABLE_SIZE, 0, table[i])
             j = _find(keys, k)
@@ -480,11 +667,23 @@ def run(
                 keys[j] = k
                 kinds[j] = K_TABLE_PAIR
                 size += 1
-            cov = 0.0 if fresh else va[j] * math.exp(-max(0.0, now - ta[j]) / params[P_TAU_COV])
-            if known_rows and reading:
-                cov += r
-            va[j] = cov
             ta[j] = max(ta[j], now) if not fresh else now
+            # the rows read of it are kept per (principal, address), like the sensitive
+            # volumes: a dump from a stolen credential's new address does not make the
+            # application's own servers look as if they read the whole table too
+            cov, added, cov_rising = _accumulate(
+                keys,
+                kinds,
+                ta,
+                va,
+                K_TABLE_COV,
+                p,
+                int(pair_key(K_TABLE_COV, addr[i], table[i])),
+                now,
+                params[P_TAU_COV],
+                r if known_rows and reading else 0.0,
+            )
+            size += added
             if tsize > 0.0:
                 coverage = cov / tsize
 
@@ -513,16 +712,18 @@ def run(
         sess_shapes = 0.0
         sess_rows = 0.0
         sess_tables = 0.0
+        new_session = False
         if session[i] != 0:
             sexp = params[P_SESSION_EXPIRY]
             tau_s = params[P_TAU_SESSION]  # sexp is 8 tau_s, the expiry _accumulate applies
             skey = pair_key(K_SESSION, p, session[i])
-            sess_n, added = _accumulate(
+            new_session = not _live(keys, ta, _find(keys, skey), now, sexp)
+            sess_n, added, _ = _accumulate(
                 keys, kinds, ta, va, K_SESSION, p, session[i], now, tau_s, 1.0 if statement else 0.0
             )
             size += added
             sens_r = r if known_rows and reading and sensitive[i] else 0.0
-            sess_rows, added = _accumulate(
+            sess_rows, added, _ = _accumulate(
                 keys, kinds, ta, va, K_SESSION_ROWS, p, session[i], now, tau_s, sens_r
             )
             size += added
@@ -559,21 +760,23 @@ def run(
             )
             size += added
 
-        # statement-shape vocabulary: a shape this principal (or anyone) first ran within the
-        # last day
+        # statement-shape vocabulary: a read's shape this principal (or anyone) first ran within
+        # the last day (a DBA's new CREATE INDEX or ANALYZE moves no data out; a new SELECT can)
         new_shape = 0.0
         new_shape_any = 0.0
-        if fp[i] != 0 and statement:
+        if fp[i] != 0 and statement and reading:
             first, added = _first_seen(
                 keys, kinds, ta, va, K_SHAPE_SEEN, p, fp[i], now, params[P_PAIR_EXPIRY]
             )
             size += added
             new_shape = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            fresh_shape = first == now
             first, added = _first_seen(
                 keys, kinds, ta, va, K_SHAPE_ANY, 0, fp[i], now, params[P_PAIR_EXPIRY]
             )
             size += added
             new_shape_any = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            fresh_any = first == now
 
         # a sensitive table this principal first read within the last day
         new_table = 0.0
@@ -583,6 +786,7 @@ def run(
             )
             size += added
             new_table = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
+            fresh_table = first == now
 
         # everything is new to a principal in its first day: novelty of addresses, clients
         # and shapes counts from then on (the principal's own youth is a feature of its own)
@@ -590,6 +794,18 @@ def run(
         first_t = now if new_principal else ps[p, S_FIRST_T]
         # a principal there from the stream's first day is not new, only not known yet
         newcomer = young and first_t - stream_start >= params[P_NOVELTY]
+        # what the novelty habits learn: the novelty as judged, or in the principal's first
+        # day (judged as nothing) each thing's first time: an analyst's first day of thirty
+        # new queries says its vocabulary is open, an application's day of a dozen shapes run
+        # thousands of times that its vocabulary is closed
+        # (the principal's very first event is the first of everything: it teaches nothing)
+        later = not new_principal
+        learn[Q_NADDR - NC] = 1.0 if fresh_addr and later else 0.0
+        learn[Q_NAPP - NC] = 1.0 if fresh_app and later else 0.0
+        learn[Q_NSHAPE - NC] = 1.0 if fresh_shape and later else 0.0
+        learn[Q_NSHAPE_SENS - NC] = 1.0 if fresh_shape and sensitive[i] and later else 0.0
+        learn[Q_NSHAPE_ANY - NC] = 1.0 if fresh_any and later else 0.0
+        learn[Q_NTABLE - NC] = 1.0 if fresh_table and later else 0.0
         if young:
             new_addr = 0.0
             new_app = 0.0
@@ -628,6 +844,9 @@ def run(
             keys, kinds, ta, va, K_ADDR_SENS24H, p, addr[i], now, params[P_TAU_24H], sens_add
         )
         size += sens24h[1]
+        # and a volume that has stopped growing is no evidence against this event
+        rising[Q_SENS1H] = sens1h[2]
+        rising[Q_SENS24H] = sens24h[2]
 
         # hour-of-day habit, judged by the bins as they stood when the day began (a night's
         # session cannot make its own hour usual)
@@ -650,6 +869,10 @@ def run(
         )
         share = near / (3.0 * total) if total > 0.0 else 1.0 / 24.0
         ps[p, S_HIST0 + hour[i]] += 1.0
+        # the peer group's hours weigh in for a thin own history (below); their share is
+        # prior (with prior_total events behind it) to the principal's own
+        prior = 1.0 / 24.0
+        prior_total = 0.0
         # the peer group's hours count too, more the thinner the principal's own history
         # (as they stood when the day began, like the principal's own)
         if g >= 0:
@@ -670,10 +893,32 @@ def run(
                     + ps[g, S_HSNAP0 + hour[i]]
                     + ps[g, S_HSNAP0 + (hour[i] + 1) % 24]
                 )
-                own_weight = total / (total + params[P_SETTLED])
-                share = own_weight * share + (1.0 - own_weight) * g_near / (3.0 * g_total)
-                total = max(total, g_total)
+                prior = g_near / (3.0 * g_total)
+                prior_total = g_total
             ps[g, S_HIST0 + hour[i]] += 1.0
+        own_weight = total / (total + params[P_SETTLED])
+        share = own_weight * share + (1.0 - own_weight) * prior
+        total = max(total, prior_total)
+        # and no hour is rare before enough hours are known: a pseudo-count of P_HOUR_PRIOR
+        # events in every hour (a day or two of a few statements, the first weekday of a
+        # log that began on a weekend, does not make the next evening a rare hour)
+        share = (total * share + params[P_HOUR_PRIOR]) / (total + 24.0 * params[P_HOUR_PRIOR])
+        # the day of the week: how much of its due share of active days (2 in 7 for weekend
+        # days) the principal works this kind of day, as it stood when the day began (a
+        # Saturday afternoon is off hours for staff who only ever work on weekdays)
+        day_now = math.floor(now / 86400.0)
+        weekend = (day_now + 3) % 7 >= 5  # day 0, 1970-01-01, was a Thursday
+        if day_now != elapsed_day:  # the stream's days before today, decayed, by kind
+            elapsed_day = day_now
+            elapsed_we, elapsed_wd = _elapsed_days(stream_start, day_now, params[P_TAU_HOUR])
+        day_ratio = _day_ratio(ps, p, day_now, weekend, elapsed_we, elapsed_wd, params)
+        if g >= 0:  # the peers' days weigh in for a short own history, when they have any
+            g_ratio = _day_ratio(ps, g, day_now, weekend, elapsed_we, elapsed_wd, params)
+            g_days = ps[g, S_DAYS_WE] + ps[g, S_DAYS_WD] - 1.0  # before today
+            if g_days > 0.0:
+                own_days = max(0.0, ps[p, S_DAYS_WE] + ps[p, S_DAYS_WD] - 1.0)
+                w_own = own_days / (own_days + params[P_DAY_PRIOR])
+                day_ratio = w_own * day_ratio + (1.0 - w_own) * g_ratio
 
         # tracked quantities against the principal's own past (read before this event counts)
         vals[Q_ROWS] = math.log1p(r) if known_rows else math.nan
@@ -691,6 +936,7 @@ def run(
         vals[Q_SESS_ROWS] = math.log1p(sess_rows)
         vals[Q_SESS_TABLES] = math.log1p(sess_tables)
         rare_hour = total > 0.0 and 24.0 * share < params[P_OFF_HOURS_SHARE]
+        rare_hour = rare_hour or day_ratio < params[P_OFF_DAY_RATIO]
         vals[Q_OFF_ROWS] = math.log1p(sess_rows) if rare_hour else 0.0
         # many runs of shapes the principal never ran before: a scraper with a session per
         # page, each page a new shape's run (an analyst's new queries are a few an hour)
@@ -699,6 +945,8 @@ def run(
         )
         size += runs[1]
         vals[Q_NEW_RUNS] = math.log1p(runs[0])
+        rising[Q_NEW_RUNS] = runs[2]
+        rising[Q_COV] = cov_rising
         vals[Q_AGG] = 1.0 if agg_all[i] else 0.0
         vals[Q_BULK] = 1.0 if bulk[i] else 0.0
         vals[Q_COPY] = 1.0 if copy_out[i] else 0.0
@@ -796,9 +1044,44 @@ def run(
                 out[i, 2 * q + 1] = vals[q]
             if not math.isnan(vals[q]):
                 ps[p, S_WHIGH0 + q] = max(ps[p, S_WHIGH0 + q], vals[q])
+        # a table's coverage is compared with the principal's own past coverage of that table
+        # (its peers' too, when they count): an analyst who reads a report of twenty clients
+        # a day has not read the client list because it once read a tenth of the accounts.
+        # A table whose size was unknown until now has no past coverage: unknown, no excess.
+        if table[i] != 0 and not math.isnan(vals[Q_COV]):
+            cov_high, added = _pair_high(
+                keys, kinds, ta, va, p, table[i], now, vals[Q_COV], cap[Q_COV], expiry[K_COV_HIGH]
+            )
+            size += added
+            if g >= 0:
+                g_high, added = _pair_high(
+                    keys,
+                    kinds,
+                    ta,
+                    va,
+                    g,
+                    table[i],
+                    now,
+                    vals[Q_COV],
+                    cap[Q_COV],
+                    expiry[K_COV_HIGH],
+                )
+                size += added
+                if peers:
+                    cov_high = max(cov_high, g_high)
+            out[i, 2 * Q_COV + 1] = cov_high if cov_high >= 0.0 else math.nan
+        else:
+            out[i, 2 * Q_COV + 1] = math.nan
+        for q in (Q_SENS1H, Q_SENS24H, Q_COV, Q_NEW_RUNS):
+            if not rising[q]:
+                out[i, 2 * q] = math.nan
         # Habits: how often the principal does this, a decayed event-weighted share, as it
         # stood when the day began (so a burst today cannot make itself habitual today).
         ps[p, S_BASE_W] *= bdecay
+        ps[p, S_SESS_W] *= bdecay
+        # how many sessions the principal's usual sessions stand for (its peers' too when they
+        # count): the higher, the tighter the bar its session counts are compared with
+        sessions_seen = ps[p, S_SESS_W]
         if ps[p, S_SNAP_DAY] != today:
             ps[p, S_SNAP_DAY] = today
             for q in range(NC, NB):
@@ -811,6 +1094,13 @@ def run(
             ps[g, S_SEEN] += 1.0
             gdecay = math.exp(-gdt / params[P_TAU_BASE])
             ps[g, S_BASE_W] *= gdecay
+            ps[g, S_SESS_W] *= gdecay
+            if peers:
+                sessions_seen = max(sessions_seen, ps[g, S_SESS_W])
+            if new_session:
+                ps[g, S_SESS_W] += 1.0
+        if new_session:
+            ps[p, S_SESS_W] += 1.0
         for q in range(NC, NB):
             ps[p, S_RATE0 + q - NC] *= bdecay
             weight = ps[p, S_BASE_W]
@@ -822,15 +1112,21 @@ def run(
                 if peers and ps[g, S_BASE_W] > 0.0:
                     peer_share = ps[g, S_RATE0 + q - NC] / ps[g, S_BASE_W]
                     typical = peer_share if math.isnan(typical) else max(typical, peer_share)
-                ps[g, S_RATE0 + q - NC] += vals[q]
+            seen = learn[q - NC] if young and q >= Q_NADDR else vals[q]
+            if g >= 0:
+                ps[g, S_RATE0 + q - NC] += seen
             out[i, 2 * q] = vals[q]
             out[i, 2 * q + 1] = 1.0 if unjudged else typical
-            ps[p, S_RATE0 + q - NC] += vals[q]
+            ps[p, S_RATE0 + q - NC] += seen
         ps[p, S_BASE_W] += 1.0
         if g >= 0:
             ps[g, S_BASE_W] += 1.0
 
-        out[i, O_OFF_HOURS] = 1.0 - min(1.0, 24.0 * share) if total > 0.0 else 0.0
+        out[i, O_OFF_HOURS] = max(
+            1.0 - min(1.0, 24.0 * share) if total > 0.0 else 0.0, 1.0 - min(1.0, day_ratio)
+        )
+        out[i, O_DAY_RATIO] = day_ratio
+        out[i, O_SESSIONS] = sessions_seen
         out[i, O_HOUR_SHARE] = share
         out[i, O_FAIL_ADDR] = math.log1p(fails_addr)
         # failed logins for the principal weigh on failed attempts and on what comes from a new
@@ -851,6 +1147,7 @@ def default_expiry(params: np.ndarray) -> np.ndarray:
     exp_[K_APP_PAIR] = params[P_PAIR_EXPIRY]
     exp_[K_TENANT_PAIR] = params[P_W_TEN]
     exp_[K_TABLE_PAIR] = 8.0 * params[P_TAU_COV]
+    exp_[K_TABLE_COV] = 8.0 * params[P_TAU_COV]
     exp_[K_FP_PAIR] = 8.0 * params[P_TAU_FP]
     exp_[K_ADDR] = 8.0 * params[P_TAU_FAIL]
     exp_[K_TABLE_SIZE] = np.inf
@@ -869,4 +1166,6 @@ def default_expiry(params: np.ndarray) -> np.ndarray:
     exp_[K_ADDR_SENS24H] = 8.0 * params[P_TAU_24H]
     exp_[K_ADDR_NEW_RUNS] = 8.0 * params[P_TAU_1H]
     exp_[K_SHAPE_ANY] = params[P_PAIR_EXPIRY]
+    exp_[K_COV_HIGH] = params[P_PAIR_EXPIRY]
+    exp_[K_COV_TODAY] = params[P_PAIR_EXPIRY]
     return exp_

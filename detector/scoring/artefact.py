@@ -22,7 +22,7 @@ from typing import Any, Final
 from detector.errors import ModelError
 from detector.scoring.ensemble import Ensemble
 
-FORMAT: Final = "exfilwatch-model/2"
+FORMAT: Final = "exfilwatch-model/3"
 FILES: Final = ("model.npz", "metadata.json", "state.npz", "state.json")
 SUMS: Final = "SHA256SUMS"
 _VERSION_RE: Final = re.compile(r"^v(\d+)$")

@@ -85,6 +85,29 @@ GROUPS: Final[dict[str, tuple[str, ...]]] = {
     "hour": ("off_hours", "off_hours_sensitive_rows_excess"),
 }
 
+#: Features whose values lie in [0, 1] (habits' surprise, novelty, off hours): their whole
+#: range is the step from "does it every day" to "never did it", so the exponential tail past
+#: their training values reaches, at 1, ten times rarer than anything in training (one in
+#: 10 N): a first COPY by someone whose peers' rows hold only habitual ones (0.1) is as rare as
+#: a signal never seen, and a value a hair past the highest seen is about as rare as it.
+#: The unbounded log-scale counts take a scale of half an e-fold at least.
+BOUNDED: Final = frozenset(
+    {
+        "new_address_excess",
+        "new_client_app_excess",
+        "new_principal",
+        "aggregate_all_tenants_excess",
+        "bulk_sensitive_read_excess",
+        "copy_out_excess",
+        "new_shape_excess",
+        "new_shape_sensitive_excess",
+        "new_shape_anyone_excess",
+        "new_sensitive_table_excess",
+        "off_hours",
+    }
+)
+COUNT_SCALE: Final = 0.5
+
 #: Surprise (log10) that one row in ten reaches: a second group adds only what it has beyond.
 NOISE: Final = 1.0
 
@@ -108,6 +131,7 @@ class Ensemble:
     full: np.ndarray  # per feature: the value at which a signal is at full strength
     tail: np.ndarray  # features x 3: threshold u, scale and share of rows above u
     n_features: int
+    score_tails: np.ndarray  # groups x 3: the same for each group's forest scores
 
     def score(self, X: np.ndarray) -> np.ndarray:
         """anomaly_score per row (0 = usual everywhere); see the module docstring."""
@@ -126,12 +150,7 @@ class Ensemble:
                 count = _count_at_least(
                     x[on], self.marginal_quantiles[f], self.marginal_tops[f], self.rows
                 )
-                u, scale, share = self.tail[f]
-                empirical = -np.log10((count + 1.0) / (self.rows + 1.0))
-                # past the top of the training values an exponential tail fitted to them:
-                # the rarity keeps growing with the value instead of stopping at 1 in N
-                beyond = -np.log10(share) + (x[on] - u) / (scale * np.log(10.0))
-                marginal[on, f] = np.where(x[on] > u, np.maximum(empirical, beyond), empirical)
+                marginal[on, f] = _rarity(x[on], count, self.rows, self.tail[f])
         for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
             Xg = X[:, cols]
             busy = Xg.any(axis=1)
@@ -139,7 +158,7 @@ class Ensemble:
                 continue
             s = forest.score(np.ascontiguousarray(Xg[busy]))
             count = _count_at_least(s, self.quantiles[g], self.tops[g], self.rows)
-            joint = -np.log10((count + 1.0) / (self.rows + 1.0))
+            joint = _rarity(s, count, self.rows, self.score_tails[g])
             alone = marginal[busy][:, cols].max(axis=1)
             strength = np.minimum(1.0, (Xg[busy] / self.full[cols]).max(axis=1))
             out[busy, g] = strength * np.maximum(joint, alone)
@@ -154,6 +173,7 @@ class Ensemble:
             "full": self.full,
             "tail": self.tail,
             "n_features": np.array(self.n_features),
+            "score_tails": self.score_tails,
         }
         for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
             arrays[f"g{g}_columns"] = cols
@@ -202,12 +222,15 @@ class Ensemble:
                     np.asarray(z["full"], dtype=np.float64),
                     np.asarray(z["tail"], dtype=np.float64),
                     n_features,
+                    np.asarray(z["score_tails"], dtype=np.float64),
                 )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot read model {path}: {exc}") from exc
         if (
             ensemble.tail.shape != (n_features, 3)
             or not np.all(ensemble.tail[:, 1:] > 0)
+            or ensemble.score_tails.shape != (len(ensemble.names), 3)
+            or not np.all(ensemble.score_tails[:, 1:] > 0)
             or ensemble.full.shape != (n_features,)
             or not np.all(ensemble.full > 0)
             or ensemble.marginal_quantiles.shape[0] != n_features
@@ -265,7 +288,7 @@ def fit_ensemble(
     ungrouped = [f for f in features if f not in grouped]
     if missing or ungrouped:
         raise ModelError(f"feature groups do not match the features: {missing or ungrouped}")
-    columns, forests, quantiles, tops = [], [], [], []
+    columns, forests, quantiles, tops, score_tails = [], [], [], [], []
     padded: list[str] = []
     for g, cols in enumerate(GROUPS.values()):
         idx = np.array([index[c] for c in cols], dtype=np.int64)
@@ -277,9 +300,11 @@ def fit_ensemble(
         forests.append(forest)
         quantiles.append(np.quantile(s, np.linspace(0.0, 1.0, QUANTILE_POINTS)))
         tops.append(s[-TOP_POINTS:].astype(np.float64))
+        score_tails.append(_tails(s[:, None], np.array([SCORE_SCALE_FLOOR]))[0])
         padded.extend(cols[j] for j in quiet)
     ordered = np.sort(X, axis=0)
     full = np.maximum(plausible, 1e-6)
+    floors = np.where([f in BOUNDED for f in features], 0.0, COUNT_SCALE * full)
     ensemble = Ensemble(
         tuple(GROUPS),
         tuple(columns),
@@ -290,33 +315,56 @@ def fit_ensemble(
         np.quantile(ordered, np.linspace(0.0, 1.0, QUANTILE_POINTS), axis=0).T.copy(),
         ordered[-TOP_POINTS:].T.copy(),
         full,
-        _tails(ordered, full),
+        _tails(ordered, floors, bounded=np.array([f in BOUNDED for f in features])),
         X.shape[1],
+        np.array(score_tails),
     )
     return ensemble, padded
 
 
 #: The exponential tail of a feature is fitted to its top 1% of training rows (10 at least).
 TAIL_SHARE: Final = 0.01
+#: The smallest scale of a forest score's tail: forest scores lie in (0, 1), and one level of
+#: isolation depth more or less moves a score by about 0.06.
+SCORE_SCALE_FLOOR: Final = 0.05
 
 
-def _tails(ordered: np.ndarray, full: np.ndarray) -> np.ndarray:
+def _rarity(x: np.ndarray, count: np.ndarray, rows: int, tail: np.ndarray) -> np.ndarray:
+    """-log10 of the share of training rows at least ``x`` (``count`` of ``rows``, +1
+    smoothed) up to the tail's threshold u; above it, the exponential tail fitted to the
+    training values there (peaks over a threshold): continuous at u and growing with the value,
+    so a value just past the highest one seen is about as rare as the highest ones, not one in
+    all N at once, and the strongest anomalies do not share one ceiling either."""
+    u, scale, share = tail
+    empirical = -np.log10((count + 1.0) / (rows + 1.0))
+    beyond = -np.log10(share) + (x - u) / (scale * np.log(10.0))
+    return np.asarray(np.where(x > u, beyond, empirical))
+
+
+def _tails(
+    ordered: np.ndarray, floors: np.ndarray, bounded: np.ndarray | None = None
+) -> np.ndarray:
     """Per feature (column of the column-sorted ``ordered``): the threshold u above which the
     top TAIL_SHARE of rows lie, the mean excess of those rows over u (the scale of an
-    exponential tail, at least half the feature's full strength: one full-strength step past
-    the top adds ~0.9 to the surprise, however tight the top of the training values) and their
-    share of rows."""
+    exponential tail, at least ``floors``: half a count's full strength, so one full-strength
+    step past the top adds ~0.9 to the surprise however tight the top of the training values;
+    for a ``bounded`` feature at least what takes the tail to one in 10 (N + 1) at 1) and
+    their share of rows."""
     n = ordered.shape[0]
     out = np.zeros((ordered.shape[1], 3))
     for f in range(ordered.shape[1]):
         col = ordered[:, f]
         nonzero = int(np.count_nonzero(col))
         k = min(nonzero, max(10, int(TAIL_SHARE * n)), TOP_POINTS)
-        floor = 0.5 * float(full[f])
+        floor = float(floors[f])
         if k == 0:  # never above zero in training: every value is beyond the top
-            out[f] = (0.0, floor, 1.0 / (n + 1.0))
-            continue
-        top = col[n - k :]
-        u = float(top[0])
-        out[f] = (u, max(float(np.mean(top - u)), floor), k / (n + 1.0))
+            u, spread, share = 0.0, 0.0, 1.0 / (n + 1.0)
+        else:
+            top = col[n - k :]
+            u, spread, share = float(top[0]), float(np.mean(top - col[n - k])), k / (n + 1.0)
+        if bounded is not None and bounded[f] and u < 1.0:
+            # from -log10(share) at u up to log10(10 (n + 1)) at 1
+            rise = np.log10(10.0 * (n + 1.0)) + np.log10(share)
+            floor = max(floor, (1.0 - u) / (max(rise, 1e-6) * np.log(10.0)))
+        out[f] = (u, max(spread, floor, 1e-6), share)
     return out

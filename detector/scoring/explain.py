@@ -145,7 +145,7 @@ def describe(
             typical,
         )
     flags = {
-        "aggregate_all_tenants": "aggregate over all tenants",
+        "aggregate_all_tenants": "aggregate per tenant over all tenants",
         "bulk_sensitive_read": f"read {_table(row)} without a tenant filter",
         "copy_out": "exported with COPY / dump",
     }

@@ -2,8 +2,10 @@
 
 The budget is in *incidents* per day, the unit a person pays for, not in events: the threshold
 is the lowest score at which grouping the calibration data's anomalies into incidents gives at
-most ``budget * days`` of them. Weekdays and weekends are calibrated apart and the higher
-threshold holds, so a quiet weekend cannot set a bar that floods the weekdays.
+most ``budget * days`` of them. All days are calibrated together, and weekdays and weekends
+apart when each has days enough (MIN_REGIME_DAYS); the highest threshold holds, so a quiet
+weekend cannot set a bar that floods the weekdays, and two days of a regime cannot set one
+from what happened to fall on them.
 
 Scores are surprise in log10 units (see detector.scoring.ensemble), so the bands mean a
 rarity: ``medium`` is ten times rarer in normal traffic than the alert threshold, ``high``
@@ -85,8 +87,10 @@ def severity(score: float, bands: dict[str, float], *, heavy: bool) -> str:
 
 #: Weekday numbers (ISO, Monday = 1) of the weekend regime.
 WEEKEND: tuple[int, ...] = (6, 7)
-#: A regime with less calibration time than this (days) does not set the threshold alone.
-MIN_REGIME_DAYS = 0.5
+#: A regime with less calibration time than this (days) does not set a threshold of its own:
+#: one or two days of it are too few to tell its rate of incidents from chance (two weekdays
+#: of a week's history, one of them the month's invoice run), and all days together set it.
+MIN_REGIME_DAYS = 2.5
 
 
 def regime_days(times: pl.Series) -> dict[str, float]:
@@ -114,10 +118,10 @@ def calibrate_regimes(
     budget_per_day: float,
     floor: float = 2.0,
 ) -> Calibration:
-    """The lowest threshold at which every regime with enough calibration time stays within
-    the budget; ``incidents_at(rows, t)`` counts incidents formed by the rows selected by the
-    boolean mask ``rows`` scoring >= t. The threshold is never below ``floor`` (surprise: one
-    row in a hundred)."""
+    """The lowest threshold at which all calibration days together, and every regime with
+    enough calibration time of its own, stay within the budget; ``incidents_at(rows, t)``
+    counts incidents formed by the rows selected by the boolean mask ``rows`` scoring >= t.
+    The threshold is never below ``floor`` (surprise: one row in a hundred)."""
     weekend = times.dt.weekday().is_in(list(WEEKEND)).to_numpy()
     masks = {"weekday": ~weekend, "weekend": weekend}
     total_days = sum(regimes.values())
@@ -134,14 +138,14 @@ def calibrate_regimes(
             budget_per_day=budget_per_day,
         )
         per_regime[name] = part.value
-    if not per_regime:  # too little of either: calibrate over all of it
-        whole = calibrate(
-            scores,
-            lambda t: incidents_at(every, t),
-            days=max(total_days, 1e-6),
-            budget_per_day=budget_per_day,
-        )
-        per_regime["all"] = whole.value
+    # every day together holds too (and alone when neither regime has days enough)
+    whole = calibrate(
+        scores,
+        lambda t: incidents_at(every, t),
+        days=max(total_days, 1e-6),
+        budget_per_day=budget_per_day,
+    )
+    per_regime["all"] = whole.value
     value = max(floor, *per_regime.values())
     bands = {"low": value, "medium": value + 1.0, "high": value + 2.0}
     count = incidents_at(every, value)

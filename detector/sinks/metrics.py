@@ -43,6 +43,12 @@ class Metrics:
             "Events that went through features and the model.",
             registry=r,
         )
+        self.events_time_held = Gauge(
+            "exfilwatch_events_time_held",
+            "Events stamped far past the time the stream had reached (a clock glitch), scored "
+            "at that time instead, since the feature state was last started.",
+            registry=r,
+        )
         self.anomalies = Counter(
             "exfilwatch_anomalous_events",
             "Scored events at or above the model threshold.",
