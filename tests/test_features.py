@@ -660,3 +660,58 @@ def test_a_record_stamped_months_ahead_does_not_stall_the_state() -> None:
     engine.transform(make_events(resumed[:2]))
     assert engine.events_time_held_ == 2
     assert engine.last_event_time_ == pytest.approx(resumed[1]["event_time"].timestamp())  # type: ignore[attr-defined]
+
+
+def test_a_deploys_failed_logins_from_the_apps_own_hosts_are_judged_by_its_earlier_bursts() -> None:
+    """A deploy with a stale password fails from the application's own servers, where it has
+    worked for days; the same burst from an address it never worked from is a guess."""
+    hosts = ["10.0.10.1", "10.0.10.2", "10.0.10.3"]
+    work = [
+        {
+            "event_time": T0 + timedelta(days=d, hours=h, minutes=m),
+            "db_user": "app_api",
+            "client_ip": host,
+            "objects": ["public.accounts"],
+            "rows_returned": 1,
+            "statement_text": "SELECT * FROM accounts WHERE id = $1",
+        }
+        for d in range(4)
+        for h in range(8, 20)
+        for m in (0, 30)
+        for host in hosts
+    ]
+
+    def burst(day: int, host: str, n: int) -> list[dict[str, object]]:
+        at = T0 + timedelta(days=day, hours=12, minutes=7)
+        return [
+            {
+                "event_time": at + timedelta(seconds=2 * k),
+                "db_user": "app_api",
+                "client_ip": host,
+                "action": "login_failed",
+                "command": None,
+                "statement_text": None,
+            }
+            for k in range(n)
+        ]
+
+    def last(rows: list[dict[str, object]]) -> dict[str, object]:
+        """The features of the last failed login."""
+        ordered = sorted(rows, key=lambda r: r["event_time"])  # type: ignore[arg-type, return-value]
+        feats = run(ordered).filter(pl.col("action") == "login_failed")
+        row: dict[str, object] = feats.row(-1, named=True)
+        return row
+
+    first = last([*work, *burst(2, "10.0.10.3", 24)])
+    again = last([*work, *burst(2, "10.0.10.3", 24), *burst(3, "10.0.10.2", 45)])
+    guess = last([*work, *burst(2, "10.0.10.3", 24), *burst(3, "203.0.113.5", 45)])
+    # the first burst from its own hosts has nothing before it to go by: in full
+    assert first["failed_logins_principal_1h"] > np.log1p(24) - np.log(1.5) - 0.05
+    assert first["failed_logins_address_1h"] == 0.0
+    # the next, bigger one from another of its hosts is within reach of the last
+    assert 0.0 <= again["failed_logins_principal_1h"] < 0.5
+    assert again["failed_logins_address_1h"] == 0.0
+    assert np.expm1(again["failed_logins_usual_high"]) == pytest.approx(24, rel=0.05)
+    # from an address it never worked from, every failure counts, per address and principal
+    assert np.expm1(guess["failed_logins_address_1h"]) == pytest.approx(45, rel=0.05)
+    assert guess["failed_logins_principal_1h"] > 3.5

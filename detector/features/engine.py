@@ -136,6 +136,7 @@ def _params(settings: FeatureSettings) -> np.ndarray:
     p[K.P_HOUR_PRIOR] = 1.0
     p[K.P_DAY_PRIOR] = 1.0
     p[K.P_OFF_DAY_RATIO] = 0.5
+    p[K.P_GROWTH] = float(np.log(GROWTH))
     return p
 
 

@@ -45,7 +45,11 @@ K_TABLE_SEEN: Final = 19  # (principal, table): first read (va) and last read (t
 K_COV_HIGH: Final = 20  # (principal, table): highest coverage of the table before today
 K_COV_TODAY: Final = 21  # (principal, table): highest coverage today (ta: when)
 K_TABLE_COV: Final = 22  # (principal, (address, table)): decayed rows read, tau P_TAU_COV
-N_KINDS: Final = 23
+K_ADDR_OK: Final = 23  # (principal, address): first (va) and last (ta) success from it
+K_FAIL_USUAL: Final = 24  # (principal, 0): decayed failed logins from its established addresses
+K_FAIL_HIGH: Final = 25  # (principal, 0): highest such burst before today (log1p)
+K_FAIL_TODAY: Final = 26  # (principal, 0): highest such burst today (ta: when)
+N_KINDS: Final = 27
 
 EMPTY: Final = np.int64(-(2**63))
 
@@ -68,7 +72,8 @@ P_THIN: Final = 18  # below this decayed event count a principal is compared wit
 P_HOUR_PRIOR: Final = 19  # pseudo-events per hour of the day before any hour is known
 P_DAY_PRIOR: Final = 20  # pseudo-days (weekdays and weekend days in proportion) before any is known
 P_OFF_DAY_RATIO: Final = 21  # a day type worked at most this share of its due is a rare one
-N_PARAMS: Final = 22
+P_GROWTH: Final = 22  # log of the growth over a previous high that is still usual
+N_PARAMS: Final = 23
 
 # --- tracked quantities: each yields (value, typical) output columns ------------------------
 QUANTITIES: Final = (
@@ -166,7 +171,8 @@ O_OFF_HOURS, O_HOUR_SHARE, O_FAIL_ADDR, O_FAIL_PRINCIPAL, O_NEW_PRINCIPAL = (
 )
 O_COVERAGE, O_TABLE_ROWS, O_DAY_RATIO = 2 * NB + 5, 2 * NB + 6, 2 * NB + 7
 O_SESSIONS: Final = 2 * NB + 8
-N_OUT: Final = 2 * NB + 9
+O_FAIL_USUAL, O_FAIL_USUAL_HIGH = 2 * NB + 9, 2 * NB + 10
+N_OUT: Final = 2 * NB + 11
 EXTRA_OUTPUTS: Final = (
     "off_hours",
     "hour_share",
@@ -177,6 +183,8 @@ EXTRA_OUTPUTS: Final = (
     "table_rows",
     "day_type_ratio",
     "sessions_seen",
+    "failed_logins_usual_1h",
+    "failed_logins_usual_high",
 )
 OUT_COLUMNS: Final = tuple(
     [name for q in QUANTITIES for name in (q, f"{q}_typical")] + list(EXTRA_OUTPUTS)
@@ -378,13 +386,15 @@ def _pair_high(
     value: float,
     cap: float,
     expiry: float,
+    kind_high: int = K_COV_HIGH,
+    kind_today: int = K_COV_TODAY,
 ) -> tuple[float, int]:  # pragma: no cover - compiled
     """The highest ``value`` of (a, b) on earlier days (UNKNOWN if none), then record
     ``value`` for today; (that high, entries added). Today's high joins the earlier ones when
     a later day begins, rising by at most ``cap`` over them (like the principal's highs).
     Entries unused for ``expiry`` are forgotten."""
-    jh, added_h = _slot(keys, kinds, ta, va, K_COV_HIGH, a, b, now)
-    jt, added_t = _slot(keys, kinds, ta, va, K_COV_TODAY, a, b, now)
+    jh, added_h = _slot(keys, kinds, ta, va, kind_high, a, b, now)
+    jt, added_t = _slot(keys, kinds, ta, va, kind_today, a, b, now)
     added = added_h + added_t
     if now - ta[jt] > expiry or now - ta[jh] > expiry:  # forgotten: nothing known
         va[jh] = UNKNOWN
@@ -583,7 +593,7 @@ def run(
     learn = np.zeros(NB - NC, dtype=np.float64)
     elapsed_day, elapsed_we, elapsed_wd = -1.0, 0.0, 0.0
     for i in range(n):
-        if 2 * (size + 24) > keys.shape[0]:  # an event adds at most 21 entries
+        if 2 * (size + 28) > keys.shape[0]:  # an event adds at most 24 entries
             keys, kinds, ta, va, size = rebuild(keys, kinds, ta, va, expiry, t[i], 0)
         p = pidx[i]
         g = peer[i]  # the row of the principal's peer group, or -1
@@ -813,9 +823,48 @@ def run(
             new_shape_any = 0.0
             new_table = 0.0
 
-        # failed logins per address and per principal
+        # failed logins per address and per principal. A failure from an address the principal
+        # has worked from for a day or more is its own host's (a deploy with a stale
+        # password): it is compared with the principal's earlier bursts from such addresses,
+        # not counted as a guess against it
         fails_addr = 0.0
         failed = action[i] == A_LOGIN_FAILED
+        established = False
+        if addr[i] != 0:
+            if failed:
+                jok = _find(keys, pair_key(K_ADDR_OK, p, addr[i]))
+                established = (
+                    _live(keys, ta, jok, now, params[P_PAIR_EXPIRY])
+                    and now - va[jok] >= params[P_NOVELTY]
+                )
+            else:  # a success from it: when the first was
+                _, added = _first_seen(
+                    keys, kinds, ta, va, K_ADDR_OK, p, addr[i], now, params[P_PAIR_EXPIRY]
+                )
+                size += added
+        usual_fails = 0.0
+        usual_high = UNKNOWN
+        if failed and established:
+            burst, added, _ = _accumulate(
+                keys, kinds, ta, va, K_FAIL_USUAL, p, 0, now, params[P_TAU_FAIL], 1.0
+            )
+            size += added
+            usual_fails = math.log1p(burst)
+            usual_high, added = _pair_high(
+                keys,
+                kinds,
+                ta,
+                va,
+                p,
+                0,
+                now,
+                usual_fails,
+                cap[Q_RATE],
+                params[P_PAIR_EXPIRY],
+                K_FAIL_HIGH,
+                K_FAIL_TODAY,
+            )
+            size += added
         if addr[i] != 0:
             k = pair_key(K_ADDR, 0, addr[i])
             j = _find(keys, k)
@@ -827,10 +876,10 @@ def run(
                 keys[j] = k
                 kinds[j] = K_ADDR
                 size += 1
-            fails_addr = prev + (1.0 if failed else 0.0)
+            fails_addr = prev + (1.0 if failed and not established else 0.0)
             va[j] = fails_addr
             ta[j] = max(ta[j], now) if prev > 0.0 else now
-        if failed:
+        if failed and not established:
             ps[p, S_FAIL] += 1.0
         ps[p, S_RATE] += 1.0
         # volumes over hours are kept per (principal, address): a dump from a stolen
@@ -1134,6 +1183,11 @@ def run(
         # login from its usual place is the user
         counts = failed or new_addr > 0.0 or young
         out[i, O_FAIL_PRINCIPAL] = math.log1p(ps[p, S_FAIL]) if counts else 0.0
+        if failed and established:  # its own host's burst, beyond its bursts before
+            beyond = usual_fails - max(usual_high, 0.0) - params[P_GROWTH]
+            out[i, O_FAIL_PRINCIPAL] = max(out[i, O_FAIL_PRINCIPAL], beyond)
+        out[i, O_FAIL_USUAL] = usual_fails
+        out[i, O_FAIL_USUAL_HIGH] = usual_high if usual_high >= 0.0 else math.nan
         out[i, O_NEW_PRINCIPAL] = 1.0 if newcomer else 0.0
         out[i, O_COVERAGE] = coverage
         out[i, O_TABLE_ROWS] = tsize
@@ -1148,6 +1202,10 @@ def default_expiry(params: np.ndarray) -> np.ndarray:
     exp_[K_TENANT_PAIR] = params[P_W_TEN]
     exp_[K_TABLE_PAIR] = 8.0 * params[P_TAU_COV]
     exp_[K_TABLE_COV] = 8.0 * params[P_TAU_COV]
+    exp_[K_ADDR_OK] = params[P_PAIR_EXPIRY]
+    exp_[K_FAIL_USUAL] = 8.0 * params[P_TAU_FAIL]
+    exp_[K_FAIL_HIGH] = params[P_PAIR_EXPIRY]
+    exp_[K_FAIL_TODAY] = params[P_PAIR_EXPIRY]
     exp_[K_FP_PAIR] = 8.0 * params[P_TAU_FP]
     exp_[K_ADDR] = 8.0 * params[P_TAU_FAIL]
     exp_[K_TABLE_SIZE] = np.inf

@@ -168,6 +168,15 @@ def describe(
             0,
         )
     if name == "failed_logins_principal_1h":
+        usual = row.get("failed_logins_usual_1h")
+        if usual is not None and not math.isnan(usual) and usual > 0.0:
+            actual, before = _back(usual), _back(row.get("failed_logins_usual_high"))
+            return (
+                f"{_logins(actual)} for {user} from its own address {row.get('client_ip')} in "
+                f"the last hour; its most before: {_n(before)}",
+                actual,
+                before,
+            )
         actual = _back(row.get(name))
         return f"{_logins(actual)} for {user} in the last hour", actual, 0
     if name == "new_principal":
