@@ -15,6 +15,19 @@ SAMPLE = ROOT / "sample_logs"
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Compile the feature kernel and the forest scorer once, before any test starts a clock:
+    a fresh checkout has no compiled cache, and a service test's bounded wait measures the
+    service, not the compiler (tens of seconds on a busy two-core machine)."""
+    from detector.pipeline import Scorer
+    from detector.scoring import artefact
+    from detector.testing import make_events
+
+    scorer = Scorer(artefact.load(ROOT / "models" / "default"), continue_state=False)
+    scorer.anomalies(make_events([{"db_user": "warm-up", "rows_returned": 1}]))
+
+
 def exfilwatch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed console script, as a user would."""
     exe = shutil.which("exfilwatch")
