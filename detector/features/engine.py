@@ -294,15 +294,15 @@ class FeatureEngine:
         prep = self._prepare(events)
         if self.first_event_time_ is None:  # the first event in arrival order
             self.first_event_time_ = float(prep["t"][0])
-        watermark = math.nan if self.last_event_time_ is None else self.last_event_time_
-        times, watermark, self.time_pending_, held = K.hold_times(
-            prep["t"].to_numpy(), watermark, self.time_pending_, MAX_AHEAD_S
-        )
-        self.events_time_held_ += held
         events = events.with_columns(
             tenant_id=self._tenants(events, prep), fingerprint=prep["fp"].cast(pl.Int64)
         )
         cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
+        watermark = math.nan if self.last_event_time_ is None else self.last_event_time_
+        times, watermark, self.time_pending_, held = K.hold_times(
+            cols["t"], watermark, self.time_pending_, MAX_AHEAD_S
+        )
+        self.events_time_held_ += held
         pidx, peer = self._principal_index(events["db_user"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
             times,

@@ -255,16 +255,18 @@ def _accumulate(
     now: float,
     tau: float,
     add: float,
-) -> tuple[float, int, bool]:  # pragma: no cover - compiled
+) -> tuple[float, int, bool, bool]:  # pragma: no cover - compiled
     """Decay the (kind, a, b) counter to ``now``, add ``add``; (new value, entries added,
     whether this event sustains it: it adds at least REPLENISH of what decayed since the
     counter's last event, or over SUSTAIN_SPAN of ``tau`` if that is longer, so it keeps a
-    volume growing rather than trailing a past one)."""
+    volume growing rather than trailing a past one; whether the counter starts afresh: it was
+    absent or unused for 8 ``tau``)."""
     k = pair_key(kind, a, b)
     j = _find(keys, k)
     added = 0
     lost = 0.0
-    if keys[j] == EMPTY or now - ta[j] > 8.0 * tau:
+    fresh = keys[j] == EMPTY or now - ta[j] > 8.0 * tau
+    if fresh:
         value = 0.0
     else:
         value = va[j] * math.exp(-max(0.0, now - ta[j]) / tau)
@@ -278,7 +280,7 @@ def _accumulate(
     value += add
     va[j] = value
     ta[j] = max(ta[j], now) if value > add else now
-    return value, added, add >= REPLENISH * lost
+    return value, added, add >= REPLENISH * lost, fresh
 
 
 @njit(cache=True, inline="always")
@@ -386,11 +388,12 @@ def _pair_high(
     value: float,
     cap: float,
     expiry: float,
-    kind_high: int = K_COV_HIGH,
-    kind_today: int = K_COV_TODAY,
+    kind_high: int,
+    kind_today: int,
 ) -> tuple[float, int]:  # pragma: no cover - compiled
     """The highest ``value`` of (a, b) on earlier days (UNKNOWN if none), then record
-    ``value`` for today; (that high, entries added). Today's high joins the earlier ones when
+    ``value`` for today; (that high, entries added). The earlier days' high and today's are
+    entries of kinds ``kind_high`` and ``kind_today``. Today's high joins the earlier ones when
     a later day begins, rising by at most ``cap`` over them (like the principal's highs).
     Entries unused for ``expiry`` are forgotten."""
     jh, added_h = _slot(keys, kinds, ta, va, kind_high, a, b, now)
@@ -681,7 +684,7 @@ def run(
             # the rows read of it are kept per (principal, address), like the sensitive
             # volumes: a dump from a stolen credential's new address does not make the
             # application's own servers look as if they read the whole table too
-            cov, added, cov_rising = _accumulate(
+            cov, added, cov_rising, _ = _accumulate(
                 keys,
                 kinds,
                 ta,
@@ -727,13 +730,12 @@ def run(
             sexp = params[P_SESSION_EXPIRY]
             tau_s = params[P_TAU_SESSION]  # sexp is 8 tau_s, the expiry _accumulate applies
             skey = pair_key(K_SESSION, p, session[i])
-            new_session = not _live(keys, ta, _find(keys, skey), now, sexp)
-            sess_n, added, _ = _accumulate(
+            sess_n, added, _, new_session = _accumulate(
                 keys, kinds, ta, va, K_SESSION, p, session[i], now, tau_s, 1.0 if statement else 0.0
             )
             size += added
             sens_r = r if known_rows and reading and sensitive[i] else 0.0
-            sess_rows, added, _ = _accumulate(
+            sess_rows, added, _, _ = _accumulate(
                 keys, kinds, ta, va, K_SESSION_ROWS, p, session[i], now, tau_s, sens_r
             )
             size += added
@@ -845,7 +847,7 @@ def run(
         usual_fails = 0.0
         usual_high = UNKNOWN
         if failed and established:
-            burst, added, _ = _accumulate(
+            burst, added, _, _ = _accumulate(
                 keys, kinds, ta, va, K_FAIL_USUAL, p, 0, now, params[P_TAU_FAIL], 1.0
             )
             size += added
@@ -1098,26 +1100,27 @@ def run(
         # a day has not read the client list because it once read a tenth of the accounts.
         # A table whose size was unknown until now has no past coverage: unknown, no excess.
         if table[i] != 0 and not math.isnan(vals[Q_COV]):
-            cov_high, added = _pair_high(
-                keys, kinds, ta, va, p, table[i], now, vals[Q_COV], cap[Q_COV], expiry[K_COV_HIGH]
-            )
-            size += added
-            if g >= 0:
-                g_high, added = _pair_high(
+            cov_high = UNKNOWN
+            for row in (p, g):  # the group's record is kept whether or not it counts now
+                if row < 0:
+                    continue
+                high, added = _pair_high(
                     keys,
                     kinds,
                     ta,
                     va,
-                    g,
+                    row,
                     table[i],
                     now,
                     vals[Q_COV],
                     cap[Q_COV],
                     expiry[K_COV_HIGH],
+                    K_COV_HIGH,
+                    K_COV_TODAY,
                 )
                 size += added
-                if peers:
-                    cov_high = max(cov_high, g_high)
+                if row == p or peers:
+                    cov_high = max(cov_high, high)
             out[i, 2 * Q_COV + 1] = cov_high if cov_high >= 0.0 else math.nan
         else:
             out[i, 2 * Q_COV + 1] = math.nan

@@ -304,7 +304,8 @@ def fit_ensemble(
         padded.extend(cols[j] for j in quiet)
     ordered = np.sort(X, axis=0)
     full = np.maximum(plausible, 1e-6)
-    floors = np.where([f in BOUNDED for f in features], 0.0, COUNT_SCALE * full)
+    bounded = np.array([f in BOUNDED for f in features])
+    floors = np.where(bounded, 0.0, COUNT_SCALE * full)
     ensemble = Ensemble(
         tuple(GROUPS),
         tuple(columns),
@@ -315,7 +316,7 @@ def fit_ensemble(
         np.quantile(ordered, np.linspace(0.0, 1.0, QUANTILE_POINTS), axis=0).T.copy(),
         ordered[-TOP_POINTS:].T.copy(),
         full,
-        _tails(ordered, floors, bounded=np.array([f in BOUNDED for f in features])),
+        _tails(ordered, floors, bounded=bounded),
         X.shape[1],
         np.array(score_tails),
     )
@@ -361,7 +362,8 @@ def _tails(
             u, spread, share = 0.0, 0.0, 1.0 / (n + 1.0)
         else:
             top = col[n - k :]
-            u, spread, share = float(top[0]), float(np.mean(top - col[n - k])), k / (n + 1.0)
+            u, share = float(top[0]), k / (n + 1.0)
+            spread = float(np.mean(top - u))
         if bounded is not None and bounded[f] and u < 1.0:
             # from -log10(share) at u up to log10(10 (n + 1)) at 1
             rise = np.log10(10.0 * (n + 1.0)) + np.log10(share)

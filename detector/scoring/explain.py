@@ -169,7 +169,7 @@ def describe(
         )
     if name == "failed_logins_principal_1h":
         usual = row.get("failed_logins_usual_1h")
-        if usual is not None and not math.isnan(usual) and usual > 0.0:
+        if usual is not None and usual > 0.0:
             actual, before = _back(usual), _back(row.get("failed_logins_usual_high"))
             return (
                 f"{_logins(actual)} for {user} from its own address {row.get('client_ip')} in "
