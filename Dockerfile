@@ -1,7 +1,14 @@
 # exfilwatch service image.
 #
 #   podman build -t exfilwatch .                     (or docker build)
-#   podman run -p 8080:8080 -v exfilwatch-state:/var/lib/exfilwatch exfilwatch
+#   openssl rand -hex 32 | podman secret create exfilwatch-token -
+#   podman run -p 127.0.0.1:8080:8080 -v exfilwatch-state:/var/lib/exfilwatch \
+#       --secret exfilwatch-token -e EXFILWATCH_API__TOKEN_FILE=/run/secrets/exfilwatch-token \
+#       exfilwatch
+#
+# The API listens on every interface of the container, and the service refuses to start there
+# without a write token (a file named by EXFILWATCH_API__TOKEN_FILE, or EXFILWATCH_API__TOKEN);
+# the image holds none. EXFILWATCH_API__READ_TOKEN_FILE guards incident reads the same way.
 #
 # Build arguments:
 #   BASE_IMAGE   a Debian 12 based image, with or without Python (Python 3.11 comes from Debian

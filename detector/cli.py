@@ -27,6 +27,8 @@ from detector import pipeline
 from detector.errors import ExfilwatchError
 from detector.lab.cli import lab_app
 from detector.quarantine import Quarantine
+from detector.schema import MAX_STATEMENT_CHARS
+from detector.sqltext import ANALYSED_CHARS
 
 app = typer.Typer(
     help="Catch bulk theft of customer data in database access logs.",
@@ -172,6 +174,24 @@ TimeZone = Annotated[
     str | None,
     typer.Option("--timezone", help="Zone of timestamps that carry none (e.g. MariaDB's)."),
 ]
+SigningKeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key-file",
+        envvar="EXFILWATCH_MODEL_SIGNING_KEY_FILE",
+        help="File holding the model-signing key (or set EXFILWATCH_MODEL_SIGNING_KEY): the "
+        "version is signed, and promotion needs its signature to verify.",
+    ),
+]
+
+
+def _signing_keys(key_file: Path | None) -> tuple[bytes, ...]:
+    """Model-signing keys from --signing-key-file or the environment, as the service reads
+    them; a key never comes from the command line itself."""
+    from detector import config as cfg
+
+    inline = os.environ.get(f"{cfg.ENV_PREFIX}MODEL_SIGNING_KEY") if key_file is None else None
+    return cfg.model_signing_keys(inline, key_file)
 
 
 def _reading(log_format: str, prefix: str | None, tz: str | None) -> pipeline.Reading:
@@ -213,8 +233,19 @@ def train(
     log_format: LogFormat = "auto",
     log_line_prefix: LogLinePrefix = None,
     timezone: TimeZone = None,
+    signing_key_file: SigningKeyFile = None,
+    max_statement_chars: Annotated[
+        int,
+        typer.Option(
+            min=256,
+            max=MAX_STATEMENT_CHARS,
+            help="Leading characters of a statement read for its shape (a longer one is "
+            "judged by that much of it); kept with the model.",
+        ),
+    ] = ANALYSED_CHARS,
 ) -> None:
     """Replay history through the feature engine, fit, calibrate and write a model version."""
+    keys = _signing_keys(signing_key_file)
     opts = pipeline.TrainOptions(
         reading=_reading(log_format, log_line_prefix, timezone),
         n_trees=trees,
@@ -224,18 +255,29 @@ def train(
         false_alerts_per_day=false_alerts_per_day,
         exclude_labels=exclude_labels,
         until=until if until is None or until.tzinfo else until.replace(tzinfo=UTC),
-        promote=promote,
+        promote=promote and not keys,  # a signed version is promoted once it is signed
+        max_statement_chars=max_statement_chars,
     )
     with Quarantine(quarantine) as q:
         report = pipeline.train(inputs, model_dir, opts, quarantine=q, progress=RichProgress())
+    promoted, signature = report.promoted, "none (unsigned)"
+    if keys:
+        from detector.scoring import artefact as store
+
+        digest = store.sign(report.version_dir, keys)
+        signature = f"signed (SHA256SUMS {digest})"
+        if promote:
+            store.promote(model_dir, report.version_dir.name, keys=keys)
+            promoted = True
     out.print(
         _kv_table(
             f"trained {model_dir.name}@{report.version_dir.name}",
             [
                 ("artefact", report.version_dir),
+                ("signature", signature),
                 (
                     "current alias",
-                    "moved here" if report.promoted else "unchanged (use models promote)",
+                    "moved here" if promoted else "unchanged (use models promote)",
                 ),
                 ("window", f"{report.window[0]} .. {report.window[1]}"),
                 (
@@ -496,7 +538,7 @@ def models_list(
     from detector.scoring import artefact as store
 
     table = Table(title=f"models in {root}", title_justify="left")
-    for col in ("model", "version", "aliases", "created", "trained on", "threshold"):
+    for col in ("model", "version", "aliases", "created", "trained on", "threshold", "signed"):
         table.add_column(col)
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         alias_map = store.aliases(model_dir)
@@ -510,6 +552,7 @@ def models_list(
                 meta["created_at"][:19],
                 f"{window['start'][:10]}..{window['end'][:10]}",
                 f"{meta['threshold']['value']:.4f}",
+                "yes" if store.signed(model_dir / version) else "no",
             )
     out.print(table)
 
@@ -520,12 +563,17 @@ def models_promote(
     version: Annotated[str, typer.Argument(help="Version to serve, e.g. v2.")],
     alias: Annotated[str, typer.Option(help="Alias to move.")] = "current",
     root: Annotated[Path, typer.Option(help="Models root.")] = Path("models"),
+    signing_key_file: SigningKeyFile = None,
 ) -> None:
-    """Point an alias at a version, atomically (checksums are verified first)."""
+    """Point an alias at a version, atomically, once it loads as the service would load it
+    (checksums and every value checked). With a signing key, an unsigned version is signed
+    first and the signature must verify."""
     from detector.scoring import artefact as store
 
-    store.promote(root / name, version, alias)
-    out.print(f"{name}@{alias} -> {version}")
+    keys = _signing_keys(signing_key_file)
+    digest = store.promote(root / name, version, alias, keys=keys, sign_unsigned=True)
+    state = "signed" if keys else "signature not checked"
+    out.print(f"{name}@{alias} -> {version} (SHA256SUMS {digest}, {state})")
 
 
 # ------------------------------------------------------------------------------------ serve
@@ -548,7 +596,8 @@ def serve(
     """Watch the sources, score events as they arrive, keep incidents, deliver alerts.
 
     With no config: reads ./spool, model models/default (its `current` version), state in
-    ./var (SQLite), API on 127.0.0.1:8080.
+    ./var (SQLite), API on 127.0.0.1:8080. Beyond loopback the API needs a write token
+    (api.token_file or api.token): without one, serve refuses to start.
     """
     from detector import config as cfg
     from detector import logs

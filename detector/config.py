@@ -10,7 +10,8 @@ Example (every key optional)::
     [api]
     host = "127.0.0.1"
     port = 8080
-    token = "change-me"          # writes need "Authorization: Bearer change-me"
+    token_file = "/run/secrets/exfilwatch-token"   # writes need "Authorization: Bearer <token>"
+    read_token_file = "/run/secrets/exfilwatch-read-token"  # incident reads: this or the above
 
     [store]
     url = "postgresql+psycopg://exfilwatch@127.0.0.1:5432/exfilwatch"
@@ -50,13 +51,37 @@ class ApiSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address to listen on (loopback by default).")
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0 picks a free one).")
     token: str | None = Field(
-        None, description="Bearer token required by every write (ingest, ack, promote)."
+        None,
+        description="Bearer token every write needs (ingest, verdicts, promote); the service "
+        "refuses to listen beyond loopback without one.",
     )
     token_file: Path | None = Field(
         None, description="File holding the token (e.g. a mounted secret); wins over token."
     )
+    read_token: str | None = Field(
+        None,
+        description="Bearer token that reads of incidents and the model need (the write token "
+        "reads too); without one those reads are open.",
+    )
+    read_token_file: Path | None = Field(
+        None,
+        description="File holding the read token (e.g. a mounted secret); wins over read_token.",
+    )
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest POST /v1/events body accepted."
+    )
+    max_verdict_body_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest body of the other writes (ack, false positive, resolve, promote).",
+    )
+    max_decoded_rows: int = Field(
+        500_000, ge=1, description="Most events one Parquet or Arrow body may decode to."
+    )
+    max_decoded_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Most bytes one Parquet or Arrow body may decode to (its columns in memory).",
     )
     external_url: str | None = Field(
         None, description="Base URL at which people reach this API; used in alert links."
@@ -208,6 +233,49 @@ class IncidentSettings(_Strict):
     )
 
 
+class FeatureStateSettings(_Strict):
+    """Bounds of the per-principal feature state (detector.features.settings.StateBounds)."""
+
+    max_unproven: int = Field(
+        10_000,
+        ge=0,
+        description="User names never seen to log in (failed logins only) that keep state of "
+        "their own, about 3 KB each; failed logins of further new names share one state row "
+        "(still counted per address and together).",
+    )
+    unproven_idle_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="A name that never logged in and has been quiet this long is forgotten.",
+    )
+    idle_days: int = Field(
+        180,
+        ge=1,
+        description="A principal unseen for this many days of the stream (days with events) "
+        "is forgotten: it is judged as a new principal if it returns.",
+    )
+
+
+class RetentionSettings(_Strict):
+    """How long the store keeps what is done with. Undelivered alerts and incidents that are
+    open or acknowledged are never pruned."""
+
+    delivered_alerts_days: float = Field(
+        30.0,
+        ge=0,
+        description="Delivered outbox rows are deleted this long after delivery (0: kept for "
+        "ever).",
+    )
+    closed_incidents_days: float = Field(
+        365.0,
+        ge=0,
+        description="Resolved and false-positive incidents are deleted this long after their "
+        "last change, once no alert of theirs waits for delivery (0: kept for ever). Verdicts "
+        "(feedback) are kept.",
+    )
+    every_s: float = Field(3600.0, gt=0, description="How often pruning runs.")
+
+
 class Settings(BaseSettings):
     """The whole service configuration."""
 
@@ -218,6 +286,15 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("var"), description="Where the service keeps its state.")
     models_dir: Path = Field(Path("models"), description="Model root.")
     model: str = Field("default", description="Model name; the version its `current` names.")
+    model_signing_key: str | None = Field(
+        None,
+        description="HMAC-SHA256 key every model version must be signed with (its "
+        "SHA256SUMS.sig); unsigned or wrongly signed versions are refused. Several separated by "
+        "spaces during a rotation (the first signs). Prefer model_signing_key_file.",
+    )
+    model_signing_key_file: Path | None = Field(
+        None, description="File holding the model-signing key(s); wins over model_signing_key."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level logged (JSON lines on stderr)."
     )
@@ -230,6 +307,8 @@ class Settings(BaseSettings):
     sinks: list[SinkSettings] = Field(default_factory=list)
     pipeline: PipelineSettings = PipelineSettings()
     incidents: IncidentSettings = IncidentSettings()
+    features: FeatureStateSettings = FeatureStateSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -246,10 +325,28 @@ class Settings(BaseSettings):
         return self
 
     def api_token(self) -> str | None:
-        """The bearer token, read from api.token_file when one is named."""
-        if self.api.token_file is not None:
-            return _read_secret(self.api.token_file).strip() or None
-        return self.api.token
+        """The write token, read from api.token_file when one is named; ConfigError when one
+        is set but empty."""
+        return _token(self.api.token, self.api.token_file, "api.token")
+
+    def api_read_token(self) -> str | None:
+        """The read token, read from api.read_token_file when one is named; ConfigError when
+        one is set but empty."""
+        return _token(self.api.read_token, self.api.read_token_file, "api.read_token")
+
+    @field_validator("model_signing_key")
+    @classmethod
+    def _usable_signing_key(cls, value: str | None) -> str | None:
+        try:
+            model_signing_keys(value, None)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("model_signing_key: ")) from None
+        return value
+
+    def model_signing_keys(self) -> tuple[bytes, ...]:
+        """The model-signing keys (none: versions need no signature); ConfigError when one
+        is configured but empty or too short."""
+        return model_signing_keys(self.model_signing_key, self.model_signing_key_file)
 
     @property
     def store_url(self) -> str:
@@ -266,6 +363,41 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # environment over file values (passed as init kwargs) over defaults
         return (env_settings, init_settings)
+
+
+def _token(inline: str | None, path: Path | None, key: str) -> str | None:
+    """A bearer token from its file (wins) or inline value; None when neither is set. An empty
+    one is an error, never a quiet way to open the API (a secret mounted empty, a variable set
+    to nothing)."""
+    if path is None and inline is None:
+        return None
+    text = (_read_secret(path) if path is not None else inline or "").strip()
+    if not text:
+        where = f"{key}_file {path}" if path is not None else key
+        raise ConfigError(f"{where} is empty: give the token a value, or unset it")
+    return text
+
+
+#: A model-signing key has at least this many characters (``openssl rand -hex 32`` gives 64).
+MIN_SIGNING_KEY_CHARS = 32
+
+
+def model_signing_keys(inline: str | None, path: Path | None) -> tuple[bytes, ...]:
+    """Keys from a file (wins) or an inline value, separated by whitespace; none when neither
+    is set. A key that is set must be usable: an empty file or value is an error, not a quiet
+    way to turn signing off."""
+    if path is None and inline is None:
+        return ()
+    where = str(path) if path is not None else "model_signing_key"
+    keys = (_read_secret(path) if path is not None else inline or "").split()
+    if not keys:
+        raise ConfigError(f"{where}: holds no model-signing key (unset it to turn signing off)")
+    if any(len(k) < MIN_SIGNING_KEY_CHARS for k in keys):
+        raise ConfigError(
+            f"{where}: a model-signing key needs at least {MIN_SIGNING_KEY_CHARS} characters "
+            "(e.g. openssl rand -hex 32)"
+        )
+    return tuple(k.encode("utf-8") for k in keys)
 
 
 def _read_secret(path: Path) -> str:

@@ -19,6 +19,7 @@ counts one twice, and alert ids are derived, so no alert is raised twice.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -38,14 +39,16 @@ from detector import formats, schema
 from detector.config import JetStreamSource as JetStreamSettings
 from detector.config import Settings
 from detector.errors import ModelError
-from detector.incidents import merge
+from detector.features.engine import StateCopy
+from detector.features.settings import StateBounds
+from detector.incidents import grouping, merge
 from detector.pipeline import Scorer, warmup_until
 from detector.quarantine import Quarantine
 from detector.schema import SEVERITY_RANK
 from detector.scoring import artefact as store_models
 from detector.sinks import delivery, tables
 from detector.sinks.metrics import Metrics
-from detector.sinks.store import Route, Snapshot, Store
+from detector.sinks.store import Route, Snapshot, Store, Tx
 from detector.sources.directory import DirectorySource, Read
 from detector.sources.jetstream import JetStreamSource
 from detector.sources.journal import HttpIngest, Journal
@@ -146,6 +149,19 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class _SnapshotJob:
+    """A snapshot taken and not yet written: the batch it follows, the feature state's copy,
+    the model, the committed source positions, the events seen, and when it was taken."""
+
+    seq: int
+    state: StateCopy
+    model: str
+    positions: dict[str, dict[str, dict[str, Any]]]
+    events_seen: int
+    started: float
+
+
 @dataclass
 class Health:
     model_loaded: bool = False
@@ -180,6 +196,11 @@ class Service:
         self._journal_backlog = 0
         self._backlog_lock = threading.Lock()
         self._idle_passes = 0
+        #: background writes (snapshot, prune): one thread each at a time
+        self._chores: dict[str, threading.Thread] = {}
+        #: one snapshot written at a time; the batch the last recorded one follows
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_seq: int | None = None
         #: the newest event time scored (drives resolution of incidents by event time)
         self.watermark: datetime | None = None
 
@@ -238,8 +259,14 @@ class Service:
         return self.settings.models_dir / self.settings.model
 
     def _load_model(self) -> None:
-        art = store_models.load(self._model_dir())
-        self.scorer = Scorer(art, continue_state=False)  # _restore picks the state to start from
+        self._model_keys = self.settings.model_signing_keys()
+        try:
+            art = store_models.load(self._model_dir(), keys=self._model_keys)
+        except store_models.Refused as exc:
+            self._model_refused(exc)
+            raise
+        # _restore picks the state to start from
+        self.scorer = Scorer(art, continue_state=False, bounds=self._state_bounds())
         self._model_version = art.path.name
         self._model_checked = time.monotonic()
         self._publish_model()
@@ -266,23 +293,45 @@ class Service:
             return
         if version == self._model_version:
             return
+        self.metrics.model_promotions.inc()
+        log.info(
+            "model_promoted",
+            model=self.settings.model,
+            version=version,
+            previous=self._model_version,
+            checksum=store_models.checksum(self._model_dir() / version),
+        )
         try:
-            art = store_models.load(self._model_dir())
-            fresh = Scorer(art, continue_state=False)
-        except ModelError as exc:
+            art = store_models.load(self._model_dir() / version, keys=self._model_keys)
+            fresh = Scorer(art, continue_state=False, bounds=self._state_bounds())
+            if fresh.engine.spec_hash == self.scorer.engine.spec_hash:
+                fresh.engine = self.scorer.engine  # same features: keep what was learnt live
+            else:
+                fresh.engine.load_state(art.path)
+                log.warning("model_feature_spec_changed", version=version)
+        except (ModelError, ValueError) as exc:  # ValueError: settings the engine refuses
+            if isinstance(exc, store_models.Refused):
+                self._model_refused(exc)
             self.metrics.model_reloads.labels("failed").inc()
             log.error("model_reload_failed", version=version, error=str(exc))
             self._model_version = version  # do not retry a broken version every pass
             return
-        if fresh.engine.spec_hash == self.scorer.engine.spec_hash:
-            fresh.engine = self.scorer.engine  # same features: keep what was learnt live
-        else:
-            fresh.engine.load_state(art.path)
-            log.warning("model_feature_spec_changed", version=version)
         self.scorer, self._model_version = fresh, version
         self._publish_model()
         self.metrics.model_reloads.labels("success").inc()
-        log.info("model_reloaded", model=art.ref)
+        log.info("model_reloaded", model=art.ref, checksum=art.checksum)
+
+    def _model_refused(self, exc: store_models.Refused) -> None:
+        """Count and log a refused version: which one, why, and the checksum of its files."""
+        self.metrics.model_loads_refused.labels(exc.reason).inc()
+        log.error(
+            "model_load_refused",
+            model=self.settings.model,
+            version=exc.version_dir.name,
+            reason=exc.reason,
+            checksum=exc.checksum,
+            error=str(exc),
+        )
 
     # ------------------------------------------------------------------ sources
     def _make_sources(self) -> None:
@@ -292,9 +341,7 @@ class Service:
         self._service_pos = saved.get(_SERVICE, {})
         read = self.settings.pipeline.read_events
 
-        def feeder(
-            fmt: str, tz: str | None, options: dict[str, str]
-        ) -> Callable[[str, int], Any]:
+        def feeder(fmt: str, tz: str | None, options: dict[str, str]) -> Callable[[str, int], Any]:
             make_feeder = formats.factory(fmt)
             return lambda where, line: make_feeder(where, line, tz, options)
 
@@ -367,6 +414,7 @@ class Service:
             try:
                 self.scorer.engine.load_state(Path(snap.path))
                 after, loaded = snap.seq, True
+                self._snapshot_seq = snap.seq
             except ModelError as exc:
                 log.warning("snapshot_unusable", path=snap.path, error=str(exc))
         fresh = snap is None and self._decided_warmup and self.warm_until is not None
@@ -390,6 +438,7 @@ class Service:
         log.info("state_restored", snapshot=snap.seq if snap else None, replayed_events=replayed)
         self._last_snapshot = time.monotonic()
         self._last_resolve = 0.0
+        self._last_prune = -math.inf  # pruning is due at the first pass
 
     # ------------------------------------------------------------------ reading
     def _read_loop(self) -> None:
@@ -433,12 +482,11 @@ class Service:
         started = time.perf_counter()
         frames = [r.events for r in reads if r.events.height]
         events = pl.concat(frames) if frames else schema.empty_events()
-        pieces: list[dict[str, Any]] = []
+        anomalies = schema.empty_events()
         if events.height:
             self._decide_warmup(events)
             anomalies = self.scorer.anomalies(events, self.warm_until)
             self.metrics.anomalies.inc(anomalies.height)
-            pieces = self.scorer.incidents(anomalies) if anomalies.height else []
             last = events["event_time"].max()
             if isinstance(last, datetime):
                 self.watermark = last if self.watermark is None else max(self.watermark, last)
@@ -447,7 +495,7 @@ class Service:
         self.seq += 1
         opened: list[dict[str, Any]] = []
         with self.store.transaction() as tx:
-            opened = self._apply(tx, pieces)
+            opened = self._apply(tx, anomalies)
             tx.set_positions(positions)
             if logged:
                 tx.add_batch(self.seq, logged, events.height)
@@ -461,7 +509,9 @@ class Service:
         first = events["event_time"].min()
         warm = warmup_until(self.scorer.artefact, first if isinstance(first, datetime) else None)
         if warm is not None:
-            self.scorer = Scorer(self.scorer.artefact, continue_state=False)
+            self.scorer = Scorer(
+                self.scorer.artefact, continue_state=False, bounds=self._state_bounds()
+            )
             self.warm_until = warm
             log.info("history_replay_warmup", until=warm.isoformat())
         until = self.warm_until.isoformat() if self.warm_until else None
@@ -470,50 +520,13 @@ class Service:
             tx.set_positions({(_SERVICE, "warmup"): {"until": until}})
         self._decided_warmup = True
 
-    def _apply(self, tx: Any, pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Fold a batch's incident pieces into the store; returns the incidents opened."""
-        if not pieces:
-            return []
-        gap = self.scorer.gap_s
-        keys = sorted({p["group_key"] for p in pieces})
-        active = tx.active_incidents(keys)
-        verdicts = tx.suppressions(keys)
-        created: dict[str, dict[str, Any]] = {}
-        updated: dict[str, dict[str, Any]] = {}
-        alerts: list[tuple[str, dict[str, Any], str]] = []
-        for piece in pieces:
-            key = piece["group_key"]
-            current = active.get(key)
-            if current is not None and merge.extends(current, piece, gap):
-                folded = merge.fold(current, piece)
-                (created if folded["id"] in created else updated)[folded["id"]] = folded
-                if current["status"] != "false_positive" and merge.escalated(current, folded):
-                    alerts.append(("incident.escalated", folded, folded["severity"]))
-                active[key] = folded
-                continue
-            doc = dict(piece)
-            match = next((v for v in verdicts.get(key, []) if merge.covered(doc, v[1])), None)
-            if match is not None:
-                doc["status"] = "false_positive"
-                doc["suppressed_by"] = {"feedback": match[0], "until": match[2]}
-                self.metrics.alerts_suppressed.inc()
-            else:
-                alerts.append(("incident.opened", doc, ""))
-            created[doc["id"]] = doc
-            active[key] = doc
-        tx.save_incidents(list(created.values()), new=True)
-        tx.save_incidents(list(updated.values()), new=False)
-        # an alert carries the incident as committed with this batch
-        final = {**created, **updated}
-        tx.add_alerts(
-            [
-                (kind, final[doc["id"]], detail)
-                for kind, doc, detail in alerts
-                # an incident opened in this batch is announced once, at its final severity
-                if not (kind == "incident.escalated" and doc["id"] in created)
-            ]
-        )
-        return [final[d["id"]] for k, d, _ in alerts if k == "incident.opened"]
+    def _apply(self, tx: Tx, anomalies: pl.DataFrame) -> list[dict[str, Any]]:
+        """Fold a batch's anomalous events into the store's incidents and queue the alerts
+        they raise; returns the incidents opened, as announced."""
+        folded = fold_anomalies(tx, self.scorer, anomalies)
+        if folded.suppressed:
+            self.metrics.alerts_suppressed.inc(folded.suppressed)
+        return [doc for kind, doc, _ in folded.alerts if kind == "incident.opened"]
 
     def _after_commit(
         self, reads: list[Read], events: pl.DataFrame, opened: list[dict[str, Any]], started: float
@@ -523,6 +536,7 @@ class Service:
         m.batch_events.observe(events.height)
         m.events_scored.inc(events.height)
         m.events_time_held.set(self.scorer.engine.events_time_held_)
+        m.statements_cut.inc(self.scorer.engine.batch_statements_cut_)
         m.batch_duration.observe(time.perf_counter() - started)
         now = self.clock()
         for doc in opened:
@@ -561,7 +575,9 @@ class Service:
             self._last_resolve = now
             self.resolve_idle()
         if now - self._last_snapshot >= self.settings.pipeline.snapshot_every_s:
-            self.snapshot()
+            self._snapshot_in_background()
+        if now - self._last_prune >= self.settings.retention.every_s:
+            self._prune_in_background()
         self._maybe_reload_model()
 
     def resolve_idle(self) -> int:
@@ -594,34 +610,122 @@ class Service:
         self.metrics.incidents_open.set(counts.get("open", 0) + counts.get("acknowledged", 0))
 
     # ------------------------------------------------------------------ snapshots
+    def _state_bounds(self) -> StateBounds:
+        """The feature state's bounds (``features`` settings)."""
+        return StateBounds(**self.settings.features.model_dump())
+
     def snapshot(self) -> None:
-        """Write the feature state, then record it; older snapshots and covered journal files
-        go."""
-        started = time.perf_counter()
+        """Take a snapshot and wait until it is recorded (after any still being written)."""
+        self._chores_done()
+        self._write_snapshot(self._take_snapshot())
+
+    def _snapshot_in_background(self) -> None:
+        """Copy the feature state and leave writing it to a thread of its own, so scoring goes
+        on while it is compressed, written and recorded; while the last snapshot is still
+        being written, the next housekeeping pass tries again."""
+        if self.seq == self._snapshot_seq:  # no batch since the last one: nothing to add
+            self._last_snapshot = time.monotonic()
+        elif not self._chore_running("snapshot"):
+            job = self._take_snapshot()
+            self._chore("snapshot", lambda: self._write_snapshot(job))
+
+    def prune(self) -> tuple[int, int]:
+        """Delete the delivered alerts and closed incidents past their retention now
+        (``retention`` settings; 0 keeps them), a chunk per transaction; returns the outbox
+        rows and incidents deleted."""
+        keep = self.settings.retention
+        now = self.clock()
+
+        def before(days: float) -> datetime | None:
+            return now - timedelta(days=days) if days > 0 else None
+
+        alerts, incidents = self.store.prune(
+            delivered_before=before(keep.delivered_alerts_days),
+            closed_before=before(keep.closed_incidents_days),
+        )
+        if alerts or incidents:
+            log.info("store_pruned", alerts=alerts, incidents=incidents)
+        return alerts, incidents
+
+    def _prune_in_background(self) -> None:
+        self._last_prune = time.monotonic()
+        self._chore("prune", self.prune)
+
+    def _chore(self, name: str, work: Callable[[], object]) -> None:
+        """Run ``work`` in a thread named ``name`` unless the last one is still at it. A
+        failure is logged and shown in /readyz's problems; the next pass tries again."""
+        if self._chore_running(name):
+            return
+
+        def run() -> None:
+            try:
+                work()
+            except Exception as exc:  # a snapshot's failure leaves the previous one in force
+                log.exception(f"{name}_failed", error=str(exc))
+                self.health.problems.append(f"{name} failed: {exc}")
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        self._chores[name] = thread
+        thread.start()
+
+    def _chore_running(self, name: str) -> bool:
+        thread = self._chores.get(name)
+        return thread is not None and thread.is_alive()
+
+    def _chores_done(self, timeout: float | None = None) -> None:
+        """Wait for the background writes (snapshot, pruning) under way, if any."""
+        for thread in list(self._chores.values()):
+            thread.join(timeout)
+
+    def _take_snapshot(self) -> _SnapshotJob:
+        """What a snapshot of the last committed batch holds: a copy of the feature state and
+        the committed source positions (the reader's own may be ahead of the commits)."""
         self._last_snapshot = time.monotonic()
-        root = self.state_dir / "snapshots"
-        tmp = Path(tempfile.mkdtemp(prefix=".snap-", dir=root))
-        self.scorer.engine.save_state(tmp)
-        for f in tmp.iterdir():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-        final = root / f"{self.seq:012d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        positions = {name: src.positions() for name, src in self._sources.items()}
-        snap = Snapshot(
+        started = time.perf_counter()
+        positions: dict[str, dict[str, dict[str, Any]]] = {}
+        for (source, key), pos in self.store.positions().items():
+            positions.setdefault(source, {})[key] = pos
+        return _SnapshotJob(
             self.seq,
-            str(final),
+            self.scorer.engine.snapshot_state(),
             self.scorer.artefact.ref,
             positions,
             self.scorer.engine.events_seen_,
+            started,
         )
-        for old in self.store.add_snapshot(snap):
-            shutil.rmtree(old, ignore_errors=True)
-        self._drop_covered_journal(positions)
-        self.metrics.snapshots.inc()
-        self.metrics.snapshot_duration.observe(time.perf_counter() - started)
+
+    def _write_snapshot(self, job: _SnapshotJob) -> None:
+        """Write the state's files and fsync them under a temporary name, rename them into
+        place and fsync the directory, then record the snapshot; older snapshots and covered
+        journal files go. A crash at any point leaves the previous snapshot and the read log
+        after it, which restore the same state. The state after a batch is the same however it
+        was reached, so a batch already snapshotted is not written again (its recorded files
+        are never replaced)."""
+        with self._snapshot_lock:
+            if job.seq == self._snapshot_seq:
+                return
+            root = self.state_dir / "snapshots"
+            tmp = Path(tempfile.mkdtemp(prefix=".snap-", dir=root))
+            job.state.write(tmp)
+            for f in tmp.iterdir():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            final = root / f"{job.seq:012d}"
+            if final.exists():  # files of an attempt that was never recorded
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            dir_fd = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            snap = Snapshot(job.seq, str(final), job.model, job.positions, job.events_seen)
+            for old in self.store.add_snapshot(snap):
+                shutil.rmtree(old, ignore_errors=True)
+            self._snapshot_seq = job.seq
+            self._drop_covered_journal(job.positions)
+            self.metrics.snapshots.inc()
+            self.metrics.snapshot_duration.observe(time.perf_counter() - job.started)
 
     def _drop_covered_journal(self, positions: dict[str, dict[str, dict[str, Any]]]) -> None:
         for name in ("http", "stdin"):
@@ -728,6 +832,7 @@ class Service:
         self.queue.clear()
         for thread in self._threads:
             thread.join(10)
+        self._chores_done(10)
         for worker in self._workers:
             worker.stop(1)
         self._close_sources()
@@ -754,6 +859,32 @@ class Service:
         self.quarantine.close()
         self.store.engine.dispose()
         log.info("service_stopped", batch=self.seq)
+
+
+def fold_anomalies(tx: Tx, scorer: Scorer, anomalies: pl.DataFrame) -> grouping.Grouping:
+    """Fold one micro-batch's anomalous events into the stored incidents within ``tx``: load
+    the active incidents its events can join (by group key, and the principals' places,
+    sprays and lone failed logins), fold the events in arrival order exactly as batch scoring
+    groups them, write the incidents opened and changed, and queue the alerts raised."""
+    if anomalies.height == 0:
+        return scorer.incident_grouping()
+    keys = grouping.candidate_keys(anomalies)
+    first = anomalies["event_time"].min()
+    if not isinstance(first, datetime):
+        raise TypeError("anomalies without event times")
+    since = first - timedelta(seconds=scorer.gap_s)
+    principals = sorted(set(anomalies["db_user"].to_list()))
+    stored = {doc["id"]: doc for doc in tx.active_incidents(keys).values()}
+    stored |= {doc["id"]: doc for doc in tx.incidents_of(principals, since)}
+    folded = scorer.incident_grouping(
+        list(stored.values()), grouping.verdicts(tx.suppressions(keys))
+    )
+    folded.add(anomalies)
+    opened, updated = folded.changed()
+    tx.save_incidents(opened, new=True)
+    tx.save_incidents(updated, new=False)
+    tx.add_alerts(folded.alerts)
+    return folded
 
 
 def _joined_whole_file_reads(entries: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -19,7 +19,10 @@ from detector.redact import redact_sql
 _SQL_FIELDS: Final = ("statement", "statement_text", "query", "sql")
 
 
-def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact_fields(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The structlog processor that redacts every field named like a statement."""
     for key in _SQL_FIELDS:
         value = event.get(key)
         if isinstance(value, str):
@@ -34,7 +37,7 @@ def configure(level: str = "info") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
+        redact_fields,
     ]
     structlog.configure(
         processors=[

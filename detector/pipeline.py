@@ -28,14 +28,16 @@ import polars as pl
 from detector import __version__
 from detector.errors import InputError, ModelError
 from detector.features.engine import MODEL_FEATURES, PLAUSIBLE, FeatureEngine
-from detector.features.settings import FeatureSettings
+from detector.features.settings import FeatureSettings, StateBounds
 from detector.incidents import grouping
 from detector.quarantine import Quarantine
+from detector.schema import MAX_STATEMENT_CHARS
 from detector.scoring import artefact as store
 from detector.scoring.ensemble import GROUPS, Ensemble, fit_ensemble
 from detector.scoring.explain import explain, feature_stats
 from detector.scoring.threshold import calibrate_regimes, regime_days, severity
 from detector.sources.files import expand_paths, read_events
+from detector.sqltext import ANALYSED_CHARS
 
 #: Columns kept from each feature batch while training (features + what grouping needs).
 #: Calibration scores every training day with a model fitted without it, in this many folds.
@@ -97,6 +99,7 @@ class TrainOptions:
     until: datetime | None = None  # train on events before this time only
     promote: bool = False
     settings: FeatureSettings = field(default_factory=lambda: FeatureSettings())
+    max_statement_chars: int = ANALYSED_CHARS  # leading characters of a statement read
     reading: Reading = field(default_factory=Reading)
 
 
@@ -252,7 +255,7 @@ def train(
     opts = options or TrainOptions()
     prog = progress or _Silent()
     quarantine = quarantine or Quarantine(None)
-    engine = FeatureEngine(opts.settings)
+    engine = FeatureEngine(opts.settings, max_statement_chars=opts.max_statement_chars)
     exclude = exclusion_filter(opts.exclude_labels) if opts.exclude_labels else None
     if opts.until is not None:
         late = pl.col("event_time") >= opts.until
@@ -345,6 +348,7 @@ def train(
         "created_at": datetime.now(UTC).isoformat(),
         "feature_spec": engine.spec,
         "feature_spec_hash": engine.spec_hash,
+        "max_statement_chars": engine.max_statement_chars,
         "features": list(MODEL_FEATURES),
         "libraries": _libraries(),
         "training": {
@@ -430,10 +434,20 @@ def _libraries() -> dict[str, str]:
 class Scorer:
     """Features + forest + threshold of one model version, fed batch after batch."""
 
-    def __init__(self, art: store.Artefact, *, continue_state: bool = True) -> None:
+    def __init__(
+        self,
+        art: store.Artefact,
+        *,
+        continue_state: bool = True,
+        bounds: StateBounds | None = None,
+    ) -> None:
         meta = art.metadata
         self.artefact = art
-        self.engine = FeatureEngine(FeatureSettings(**meta["feature_spec"]["settings"]))
+        self.engine = FeatureEngine(
+            FeatureSettings(**meta["feature_spec"]["settings"]),
+            bounds=bounds,
+            max_statement_chars=analysed_chars(meta),
+        )
         if self.engine.spec_hash != meta["feature_spec_hash"]:
             raise ModelError(
                 f"{art.path} was trained with another feature spec than this "
@@ -472,12 +486,16 @@ class Scorer:
         )
         if self.habitual.height and found.height:
             key = [pl.col(c).cast(pl.String).fill_null("").alias(c) for c in _HABIT_KEY]
-            known = found.select(key).join(
-                self.habitual.with_columns(_known=pl.lit(True)),
-                on=list(_HABIT_KEY),
-                how="left",
-                maintain_order="left",
-            )["_known"].fill_null(False)
+            known = (
+                found.select(key)
+                .join(
+                    self.habitual.with_columns(_known=pl.lit(True)),
+                    on=list(_HABIT_KEY),
+                    how="left",
+                    maintain_order="left",
+                )["_known"]
+                .fill_null(False)
+            )
             self.habitual_hits_ += int(known.sum())
             found = found.filter(~known)
         return found
@@ -489,9 +507,34 @@ class Scorer:
         return severity(score, self.bands, heavy=heavy)
 
     def incidents(self, anomalies: pl.DataFrame) -> list[dict[str, Any]]:
+        """The incidents ``anomalies`` form on their own (batch scoring)."""
         return grouping.build(
             anomalies, explain=self.explain, severity=self.severity, gap_s=self.gap_s
         )
+
+    def incident_grouping(
+        self,
+        stored: Sequence[dict[str, Any]] = (),
+        suppress: grouping.Suppress | None = None,
+    ) -> grouping.Grouping:
+        """A :class:`~detector.incidents.grouping.Grouping` that continues ``stored`` incidents
+        with this model's explanations, severity and gap (the live service, batch by batch)."""
+        return grouping.Grouping(
+            explain=self.explain,
+            severity=self.severity,
+            gap_s=self.gap_s,
+            stored=stored,
+            suppress=suppress,
+        )
+
+
+def analysed_chars(meta: dict[str, Any]) -> int:
+    """How many leading characters of a statement the model's features were computed from
+    (models without the field read the default)."""
+    value = meta.get("max_statement_chars", ANALYSED_CHARS)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STATEMENT_CHARS:
+        return value
+    raise ModelError(f"max_statement_chars {value!r} in the model's metadata is not a length")
 
 
 def state_end(art: store.Artefact) -> datetime | None:

@@ -4,7 +4,8 @@ Each rejected record becomes one line ``{"time", "location", "reason", "detail",
 Guarantees:
 
 * ``record`` never holds an unredacted SQL literal from ``statement_text``: an object record has
-  its ``statement_text`` passed through :func:`detector.redact.redact_sql` (again, if the caller
+  its ``statement_text`` passed through :func:`detector.redact.redact_sql` of unknown dialect
+  (whatever PostgreSQL or MySQL would read as a literal goes; again, if the caller
   already did), and a record that is text (a line that was not JSON) goes through
   :func:`redact_text`, which redacts each JSON string in it on its own.
 * ``record`` is at most :data:`MAX_RECORD_BYTES` of JSON; a longer one is stored as the first
@@ -153,18 +154,34 @@ def _record_from_text(text: str) -> _Record:
 _JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"|"(?:[^"\\]|\\.)*\\?$')
 
 
+#: What may stand between the strings of a JSON text: structure, numbers and literals.
+_JSON_BETWEEN: Final = re.compile(
+    r"[\s{}\[\],:0-9eE.+\-]*(?:(?:true|false|null)[\s{}\[\],:0-9eE.+\-]*)*"
+)
+
+
 def redact_text(text: str) -> str:
-    """Redact raw text that may be broken JSON: :func:`redact_sql` is applied to each JSON
-    string in it (unescaped first) and to each stretch between them, one at a time, so a quote
-    in one field can never pair with a quote in another and leave a literal between them bare.
-    """
+    """Redact raw text that may be broken JSON. Text that reads as JSON strings with only JSON
+    structure between them has each string redacted on its own (unescaped first), so a quote
+    in one field can never pair with a quote in another and leave a literal between them bare;
+    any other text (a log line, JSON with a stray quote) is redacted whole, as whatever either
+    SQL dialect, or a plain reading of single quotes, would call a literal
+    (:func:`detector.sqltext.redact_any`)."""
+    if not text.lstrip().startswith(("{", "[", '"')):
+        return redact_sql(text)
     parts: list[str] = []
     done = 0
     for match in _JSON_STRING.finditer(text):
-        parts.append(redact_sql(text[done : match.start()]))
+        between = text[done : match.start()]
+        if not _JSON_BETWEEN.fullmatch(between):
+            return redact_sql(text)
+        parts.append(between)
         parts.append(orjson.dumps(redact_sql(_unquote(match.group()))).decode())
         done = match.end()
-    parts.append(redact_sql(text[done:]))
+    rest = text[done:]
+    if not _JSON_BETWEEN.fullmatch(rest):
+        return redact_sql(text)
+    parts.append(rest)
     return "".join(parts)
 
 

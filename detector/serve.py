@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import queue
 import signal
 import socket
@@ -15,6 +16,7 @@ import uvicorn
 
 from detector.api.app import create_app
 from detector.config import Settings
+from detector.errors import ConfigError
 from detector.live import Service
 
 log = structlog.get_logger("exfilwatch.serve")
@@ -25,7 +27,9 @@ _STDIN_SEGMENT_S = 0.2
 
 def run(settings: Settings, *, stdin_format: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or, with stdin, until stdin ends and all of it is scored).
-    Returns the exit code."""
+    Returns the exit code. ConfigError, before anything starts, when the API would listen beyond
+    loopback with no write token."""
+    check_exposure(settings)
     service = Service(settings, stdin_format=stdin_format)
     service.start()
     sock = socket.socket(socket.AF_INET6 if ":" in settings.api.host else socket.AF_INET)
@@ -39,6 +43,7 @@ def run(settings: Settings, *, stdin_format: str | None = None) -> int:
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
+    sock.listen(config.backlog)  # connections wait in the backlog until the server accepts
     if stdin_format is not None:
         threading.Thread(
             target=_pump_stdin, args=(service, sys.stdin.buffer, server), name="stdin", daemon=True
@@ -55,6 +60,40 @@ def run(settings: Settings, *, stdin_format: str | None = None) -> int:
         log.info("draining")
         service.stop()
     return 0
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve writes to the network unguarded: ConfigError when ``api.host`` is not a
+    loopback address and no write token is set. Logs a warning for what stays open otherwise:
+    writes on loopback without a token, incident reads beyond loopback without a read token."""
+    host = settings.api.host
+    write, read = settings.api_token(), settings.api_read_token()
+    if not is_loopback(host):
+        if write is None:
+            raise ConfigError(f"refusing to listen on {host} with no api.token or api.token_file")
+        if read is None:
+            log.warning(
+                "api_reads_open",
+                host=host,
+                hint="anyone who reaches the port can read incidents: set api.read_token_file",
+            )
+    elif write is None:
+        log.warning(
+            "api_writes_open",
+            host=host,
+            hint="any local process can ingest, give verdicts and promote: set api.token_file",
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine: a loopback address or ``localhost``. Anything
+    else (a wildcard such as 0.0.0.0 or ::, an interface address, another name) is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _note_signal(signum: int, _frame: Any) -> None:

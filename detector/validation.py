@@ -26,7 +26,8 @@ What is accepted (anything else is rejected):
 * integer columns: integers, integral floats, or text holding an integer; ``0 <= v <= bound``.
 * ``duration_ms``: a finite number or numeric text; ``0 <= v <= MAX_DURATION_MS``.
 * ``success``: a boolean or the text ``true``/``false`` (any case).
-* ``statement_text``: at most ``MAX_STATEMENT_CHARS`` characters (else ``too_large``).
+* ``statement_text``: kept to its first ``MAX_STATEMENT_CHARS`` characters (a longer one is
+  cut, never rejected: the event is scored all the same).
 * ``objects``: a list of strings without nulls.
 * ``extra``: a map, a list of ``{key, value}`` structs, or a struct of scalars. Values that are
   numbers or booleans become their text, pairs whose value is null are dropped, and pairs are
@@ -440,10 +441,8 @@ def _optional_text_rule(col: str, s: pl.Series, _tz: str | None) -> _Rule:
         return _bad_dtype(col, s.dtype, "text")
     if col != "statement_text":
         return _Rule(value)
-    limit = schema.MAX_STATEMENT_CHARS
-    chars = value.str.len_chars()
-    detail = pl.concat_str([pl.lit(f"{col}: "), chars.cast(pl.String), pl.lit(f" chars > {limit}")])
-    return _Rule(value, (_Problem(chars > limit, "too_large", detail),))
+    # cut, not rejected: padding a bulk read past the limit must not keep it from being scored
+    return _Rule(value.str.slice(0, schema.MAX_STATEMENT_CHARS))
 
 
 # --- numbers --------------------------------------------------------------------------------

@@ -6,9 +6,13 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+
+from tests import test_delivery_support as _support
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_logs"
@@ -38,6 +42,14 @@ def exfilwatch(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
     )
 
 
+def small_sample_cli(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``exfilwatch samples generate`` of a small three-day sample into ``out``."""
+    args = ("--days", "3", "--seed", "3", "--start", "2026-01-28", "--events-per-day", "3000")
+    run = exfilwatch("samples", "generate", *args, *extra, "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model's recipe, trained afresh on the bundled sample."""
@@ -63,3 +75,18 @@ def live_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.service_support import write_live_sample
 
     return write_live_sample(tmp_path_factory.mktemp("live_sample"))
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A database on the machine's PostgreSQL for the tests of one module."""
+    with _support.postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=_support.BACKENDS)
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    """A store's engine on each backend in turn."""
+    pg = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    with _support.store(request.param, pg, tmp_path) as (eng, _url):
+        yield eng

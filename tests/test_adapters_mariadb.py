@@ -120,7 +120,20 @@ def test_syslog_variant_of_the_same_lines(audit_log: Path) -> None:
     syslog = []
     for line in lines:
         stamp, body = line[:17], line[18:]
-        month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][int(stamp[4:6]) - 1]
+        month = [
+            "Jan",
+            "Feb",
+            "Mar",
+            "Apr",
+            "May",
+            "Jun",
+            "Jul",
+            "Aug",
+            "Sep",
+            "Oct",
+            "Nov",
+            "Dec",
+        ][int(stamp[4:6]) - 1]
         syslog.append(
             f"{month} {int(stamp[6:8]):2d} {stamp[9:]} dbhost mysql-server_auditing: {body}"
         )

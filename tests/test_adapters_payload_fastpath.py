@@ -42,8 +42,12 @@ def test_written_payloads_parse_the_same_both_ways(records: list[list[str]]) -> 
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_TEXT.map(lambda t: "SESSION,1,1,READ,SELECT,TABLE,t," + t), min_size=1, max_size=8))
-def test_anything_the_fast_path_accepts_the_careful_path_accepts_identically(payloads: list[str]) -> None:
+@given(
+    st.lists(_TEXT.map(lambda t: "SESSION,1,1,READ,SELECT,TABLE,t," + t), min_size=1, max_size=8)
+)
+def test_anything_the_fast_path_accepts_the_careful_path_accepts_identically(
+    payloads: list[str],
+) -> None:
     fast = _payload_frame(pl.Series(payloads, dtype=pl.String))
     if fast is None:
         return
@@ -71,10 +75,48 @@ _FIELD = st.one_of(
 
 
 def _csvlog_line(n: int, statement: str, app: str, cut: bool) -> str:
-    audit = _csv_line(["SESSION", str(n), "1", "READ", "SELECT", "TABLE", "public.t", statement, "<not logged>", "3"])
-    fields = [f"2026-01-14 10:00:{n % 60:02d}.000 UTC", "app_api", "saas", "4242", "127.0.0.1:5555",
-              "65a1.1092", str(n), "SELECT", "2026-01-14 09:00:00 UTC", "3/7", "0", "LOG", "00000",
-              "AUDIT: " + audit, "", "", "", "", "", "", "", "", app, "client backend", "", "0"]
+    audit = _csv_line(
+        [
+            "SESSION",
+            str(n),
+            "1",
+            "READ",
+            "SELECT",
+            "TABLE",
+            "public.t",
+            statement,
+            "<not logged>",
+            "3",
+        ]
+    )
+    fields = [
+        f"2026-01-14 10:00:{n % 60:02d}.000 UTC",
+        "app_api",
+        "saas",
+        "4242",
+        "127.0.0.1:5555",
+        "65a1.1092",
+        str(n),
+        "SELECT",
+        "2026-01-14 09:00:00 UTC",
+        "3/7",
+        "0",
+        "LOG",
+        "00000",
+        "AUDIT: " + audit,
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        app,
+        "client backend",
+        "",
+        "0",
+    ]
     line = _csv_line(fields) + "\n"
     return line[: len(line) // 2] if cut else line
 
@@ -82,7 +124,9 @@ def _csvlog_line(n: int, statement: str, app: str, cut: bool) -> str:
 @settings(max_examples=150, deadline=None)
 @example(records=[("", "\n", False), ("", "", False)], final=False)  # a raw newline splits a record
 @given(st.lists(st.tuples(_FIELD, _FIELD, st.booleans()), min_size=1, max_size=12), st.booleans())
-def test_csvlog_fast_and_careful_readers_agree(records: list[tuple[str, str, bool]], final: bool) -> None:
+def test_csvlog_fast_and_careful_readers_agree(
+    records: list[tuple[str, str, bool]], final: bool
+) -> None:
     import detector.adapters.pg_csvlog as csvlog
 
     data = "".join(_csvlog_line(i, s, a, cut) for i, (s, a, cut) in enumerate(records)).encode()

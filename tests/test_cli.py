@@ -7,29 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE, exfilwatch
+from tests.conftest import SAMPLE, exfilwatch, small_sample_cli
 
 
 @pytest.fixture(scope="module")
 def small_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("small")
-    run = exfilwatch(
-        "samples",
-        "generate",
-        "--days",
-        "3",
-        "--seed",
-        "3",
-        "--start",
-        "2026-01-28",
-        "--events-per-day",
-        "3000",
-        "--jsonl-compression",
-        "gzip",
-        "--out",
-        str(out),
-    )
-    assert run.returncode == 0, run.stderr
+    run = small_sample_cli(out, "--jsonl-compression", "gzip")
     assert "events.parquet" in run.stdout
     return out
 

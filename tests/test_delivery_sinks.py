@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from detector.sinks.outbox import Backoff, OutboxWorker
 from detector.sinks.receiver import WebhookReceiver
 from detector.sinks.slack import SlackSender, slack_message
 from detector.sinks.tables import incidents
-from tests.test_delivery_support import (
+from tests.test_delivery_support import (  # noqa: F401 - fixtures
     BACKENDS,
     FakeClock,
     add_alert,
@@ -28,19 +27,6 @@ from tests.test_delivery_support import (
     store,
     utc,
 )
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    with postgres_database() as url:
-        yield url
-
-
-@pytest.fixture(params=BACKENDS)
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
-    pg = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
-    with store(request.param, pg, tmp_path) as (eng, _url):
-        yield eng
 
 
 @pytest.fixture

@@ -148,3 +148,4 @@ def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(0.02)
+

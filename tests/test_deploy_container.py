@@ -1,7 +1,8 @@
 """The Dockerfile, built and run with podman on the local Debian 12 base image (no image registry
 is reachable here): the image runs as a non-root user on a read-only root filesystem with its
 state on the one volume, scores the bundled sample dropped into the spool volume and posted over
-HTTP, answers /metrics, passes its HEALTHCHECK, and drains cleanly on SIGTERM.
+HTTP, answers /metrics, passes its HEALTHCHECK, and drains cleanly on SIGTERM; given no API
+token, it refuses to start.
 
 Needs podman and runc, and the base image that ../shared/tools/container-base.sh makes."""
 
@@ -82,6 +83,14 @@ def test_image_builds_runs_non_root_and_scores_the_sample(tmp_path: Path) -> Non
     assert "/var/lib/exfilwatch" in cfg["Volumes"]
     assert inspect["Healthcheck"]["Test"][0] == "CMD"
     print(f"image size: {inspect['Size'] / 1e6:.0f} MB")  # reported in the test log (-s)
+
+    # as shipped (its config listens on 0.0.0.0) and given no token, it refuses to start; in a
+    # network namespace of its own (--network=none), so even a bind would reach nothing
+    bare = _run([*podman, "run", "--rm", "--network=none", "--read-only", "--tmpfs", "/tmp", TAG],
+                timeout=120)
+    assert bare.returncode == 2, bare.stdout + bare.stderr
+    assert bare.stderr.strip().splitlines()[-1] == (
+        "error: refusing to listen on 0.0.0.0 with no api.token or api.token_file")
 
     state = tmp_path / "state"
     (state / "spool").mkdir(parents=True)

@@ -70,6 +70,13 @@ def test_compose_mounts_exist_and_configs_are_valid(tmp_path: Path) -> None:
     assert [s.kind for s in settings.sinks] == ["alertmanager"]
     assert settings.sinks[0].url == "http://alertmanager:9093"
     assert settings.api.host == "0.0.0.0" and settings.api.port == 8080
+    # both tokens come from the user's environment; compose stops when one is unset (`:?`),
+    # so the trial never runs on a default token
+    env = services["exfilwatch"]["environment"]
+    for name, variable in (("EXFILWATCH_API__TOKEN", "EXFILWATCH_TOKEN"),
+                           ("EXFILWATCH_API__READ_TOKEN", "EXFILWATCH_READ_TOKEN")):
+        assert env[name].startswith("${" + variable + ":?"), env[name]
+    assert settings.api.token is None and settings.api.token_file is None
 
     prom = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["job_name"] == "exfilwatch"  # what the rules expect

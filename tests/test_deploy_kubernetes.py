@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from detector import config
+from detector.errors import ConfigError
 from tests.test_deploy_support import DEPLOY, ROOT
 
 kubernetes_validate = pytest.importorskip(
@@ -130,20 +131,49 @@ def test_deployment_fits_the_image_service_config_and_secret(tmp_path: Path) -> 
     # every secret the pod reads is in the example Secret, and the sinks there are valid
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     refs = {e["valueFrom"]["secretKeyRef"]["key"]: e["name"] for e in container["env"]}
-    assert refs == {"api-token": "EXFILWATCH_API__TOKEN", "sinks.json": "EXFILWATCH_SINKS"}
+    assert refs == {"sinks.json": "EXFILWATCH_SINKS"}
     assert refs.keys() <= secret["stringData"].keys()
+
+    # the tokens are files of the Secret, required (not optional), where the config names them
+    tokens = volumes[mounts["/run/secrets/exfilwatch"]]["secret"]
+    assert tokens["secretName"] == secret["metadata"]["name"] and not tokens.get("optional")
+    files = {item["path"]: item["key"] for item in tokens["items"]}
+    assert files == {"api-token": "api-token", "read-token": "read-token"}
+    assert set(files.values()) <= secret["stringData"].keys()
+    assert settings.api.token_file == Path("/run/secrets/exfilwatch/api-token")
+    assert settings.api.read_token_file == Path("/run/secrets/exfilwatch/read-token")
+    assert settings.api.token is None and settings.api.read_token is None
+    assert tokens["defaultMode"] & 0o040  # readable by the pod's fsGroup, the service's group
 
 
 def test_example_secret_sinks_are_valid_settings(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     monkeypatch.setenv("EXFILWATCH_SINKS", secret["stringData"]["sinks.json"])
-    monkeypatch.setenv("EXFILWATCH_API__TOKEN", secret["stringData"]["api-token"])
     toml = tmp_path / "exfilwatch.toml"
     toml.write_text(_by_kind("ConfigMap")["data"]["exfilwatch.toml"])
     settings = config.load(toml)
     assert [s.kind for s in settings.sinks] == ["webhook", "alertmanager"]
-    assert settings.api.token == "change-me"
+
+
+def test_the_example_secret_applied_as_it_is_stops_the_service(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Its token values are empty placeholders: mounted as they are, the service refuses them
+    instead of serving with a token anyone can read in this repository."""
+    secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    for key in ("api-token", "read-token"):
+        (tmp_path / key).write_text(secret["stringData"][key])
+    monkeypatch.setenv("EXFILWATCH_API__TOKEN_FILE", str(tmp_path / "api-token"))
+    monkeypatch.setenv("EXFILWATCH_API__READ_TOKEN_FILE", str(tmp_path / "read-token"))
+    toml = tmp_path / "exfilwatch.toml"
+    toml.write_text(_by_kind("ConfigMap")["data"]["exfilwatch.toml"])
+    settings = config.load(toml)
+    with pytest.raises(ConfigError, match="api-token is empty"):
+        settings.api_token()
+    with pytest.raises(ConfigError, match="read-token is empty"):
+        settings.api_read_token()
+    (tmp_path / "api-token").write_text("0f3c9a\n")  # a real value works
+    assert settings.api_token() == "0f3c9a"
 
 
 def test_image_config_is_valid() -> None:

@@ -27,6 +27,7 @@ from detector.scoring.threshold import (
     regime_days,
     severity,
 )
+from tests.model_support import metadata_for
 
 
 @settings(max_examples=25, deadline=None)
@@ -48,6 +49,12 @@ def test_compiled_scores_equal_sklearn(
     forest = flatten(model)
     probe = np.vstack([data, data * 1.5 + 1, np.zeros((3, data.shape[1])), data[:0]])
     assert np.array_equal(forest.score(probe), sklearn_anomaly_score(model, probe))
+    # every flattened forest passes the load-time checks, unless no tree could split at all
+    # (each one's sample held a single distinct row), which loading refuses on purpose
+    if forest.child.size > forest.n_trees:
+        assert forest.problem() is None
+    else:
+        assert forest.problem() == "no tree splits: every row would score the same"
 
 
 def test_higher_score_means_more_anomalous() -> None:
@@ -78,8 +85,7 @@ def _version(tmp_path: Path) -> Path:
         (d / "state.npz").write_bytes(b"state")
         (d / "state.json").write_text("{}")
 
-    meta = {"threshold": {"value": 0.6}, "created_at": "x"}
-    return store.write_version(tmp_path / "m", forest, meta, state)
+    return store.write_version(tmp_path / "m", forest, metadata_for(forest), state)
 
 
 def test_artefact_round_trip_and_alias(tmp_path: Path) -> None:
@@ -90,7 +96,8 @@ def test_artefact_round_trip_and_alias(tmp_path: Path) -> None:
         store.load(tmp_path / "m")
     store.promote(tmp_path / "m", "v2")
     art = store.load(tmp_path / "m")
-    assert art.path == v2 and art.threshold == 0.6 and art.ref == "m@v2"
+    assert art.path == v2 and art.threshold == 2.5 and art.ref == "m@v2"
+    assert art.checksum == store.sha256(v2 / store.SUMS)
     assert store.load(f"{tmp_path / 'm'}@v1").path == v1
     with pytest.raises(ModelError, match="no version 'v9'"):
         store.promote(tmp_path / "m", "v9")

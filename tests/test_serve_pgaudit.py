@@ -55,28 +55,38 @@ def _history_model(tmp: Path) -> Path:
     return models
 
 
+def saas_cluster(tmp: Path) -> PgCluster:
+    """A started private cluster logging jsonlog, with :data:`SCHEMA` loaded and a fresh log
+    file: what set it up is not the traffic under test (the rotation is not audited)."""
+    cluster = PgCluster.create(tmp / "pg", settings={"log_destination": "'jsonlog'"})
+    cluster.start()
+    try:
+        with cluster.connect() as conn:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        setup_log = cluster.log_file("jsonlog")
+        with cluster.connect() as conn:
+            conn.execute("SET pgaudit.log = 'none'")
+            shutil.move(setup_log, tmp / "setup.json")
+            conn.execute("SELECT pg_rotate_logfile()")
+        wait_for(setup_log.exists, 20, "the server to reopen its log")
+    except BaseException:
+        cluster.stop()
+        cluster.remove()
+        raise
+    return cluster
+
+
 @pytest.mark.slow
 def test_serve_tails_pgaudit_and_turns_a_bulk_read_into_an_incident_and_a_webhook(
     tmp_path: Path,
 ) -> None:
     require_cluster()
     models = _history_model(tmp_path)
-    cluster = PgCluster.create(tmp_path / "pg", settings={"log_destination": "'jsonlog'"})
-    cluster.start()
+    cluster = saas_cluster(tmp_path)
     proc = None
     try:
-        with cluster.connect() as conn:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-        # what set the cluster up is not the traffic under test: move its log aside and have
-        # the server start a fresh file (the rotation's own statement is not audited)
-        setup_log = cluster.log_file("jsonlog")
-        with cluster.connect() as conn:
-            conn.execute("SET pgaudit.log = 'none'")
-            shutil.move(setup_log, tmp_path / "setup.json")
-            conn.execute("SELECT pg_rotate_logfile()")
-        wait_for(setup_log.exists, 20, "the server to reopen its log")
         port = free_port()
         with WebhookReceiver(secrets=[SECRET]) as receiver:
             cfg = tmp_path / "serve.toml"

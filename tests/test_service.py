@@ -185,6 +185,26 @@ def test_promoting_a_model_switches_the_running_service(tmp_path: Path) -> None:
         assert client.post("/v1/model/promote", json={"version": "v9"}).status_code == 400
 
 
+def test_promotion_through_the_api_needs_a_signature_when_the_service_has_a_key(
+    tmp_path: Path,
+) -> None:
+    key = "k" * 40
+    models = models_copy(tmp_path)
+    artefact.sign(models / "default" / "v1", [key.encode()])
+    shutil.copytree(models / "default" / "v1", models / "default" / "v2")
+    (models / "default" / "v2" / "SHA256SUMS.sig").unlink()  # a version nobody signed
+    settings = settings_for(tmp_path, models, model_signing_key=key)
+    with running(settings) as service, api(service) as client:
+        refused = client.post("/v1/model/promote", json={"version": "v2"})
+        assert refused.status_code == 400 and "v2" in refused.json()["detail"]
+        assert artefact.aliases(models / "default") == {"current": "v1"}
+        artefact.sign(models / "default" / "v2", [key.encode()])
+        done = client.post("/v1/model/promote", json={"version": "v2"})
+        assert done.status_code == 200
+        assert done.json()["checksum"] == artefact.checksum(models / "default" / "v2")
+        assert artefact.aliases(models / "default") == {"current": "v2"}
+
+
 def test_postgresql_store_gives_the_same_incidents_and_survives_restart(
     tmp_path: Path, live_sample: Path
 ) -> None:
@@ -359,3 +379,76 @@ def test_restart_replays_a_whole_file_read_in_many_frames_with_one_pass_over_it(
     assert live_state.keys() == expected.keys()
     for name, row in expected.items():
         np.testing.assert_allclose(live_state[name], row, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+def _sprays(n_names: int, n_addresses: int, n_places: int) -> pl.DataFrame:
+    """Three sprays interleaved, a few minutes after the default model's training window: a
+    name spray from three addresses, one principal guessed from many addresses, and one
+    principal reading from many addresses."""
+    import random
+
+    from detector.testing import make_events
+
+    rows: list[dict[str, Any]] = [
+        {"db_user": f"guess{i}", "action": "login_failed", "command": None,
+         "client_ip": f"198.51.100.{i % 3 + 1}", "session_id": f"n{i}"}
+        for i in range(n_names)
+    ]
+    rows += [
+        {"db_user": "support_3", "action": "login_failed", "command": None,
+         "client_ip": f"10.77.{i >> 8}.{i & 255}", "session_id": f"g{i}"}
+        for i in range(n_addresses)
+    ]
+    rows += [
+        {"db_user": "support_4", "statement_text": "SELECT * FROM public.clients WHERE id = $1",
+         "rows_returned": 1, "client_ip": f"10.88.{i >> 8}.{i & 255}", "session_id": f"r{i}",
+         "client_app": "psql"}
+        for i in range(n_places)
+    ]
+    random.Random(5).shuffle(rows)
+    return make_events(rows, start=datetime(2026, 1, 14, 10, 0, tzinfo=UTC),
+                       step=timedelta(milliseconds=200))
+
+
+def test_sprays_through_the_service_are_one_incident_each_as_in_batch(tmp_path: Path) -> None:
+    """3,000 failed logins with new names from three addresses, 1,000 for one account from
+    1,000 addresses and 300 reads of another account from 300 addresses, in micro-batches of
+    200: five incidents for the failed logins, the reads' first places apart and the rest in
+    one, and one opened alert per incident; batch scoring makes the same incidents."""
+    models = models_copy(tmp_path)
+    settings = settings_for(
+        tmp_path, models, pipeline={"batch_events": 200, "read_events": 200},
+        sinks=[{"name": "soc", "kind": "webhook", "url": "http://127.0.0.1:9/hook",
+                "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}],
+    )
+    events = _sprays(3_000, 1_000, 300)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    events.write_parquet(spool / ".sprays.parquet.tmp")
+    with running(settings) as service:
+        os.replace(spool / ".sprays.parquet.tmp", spool / "sprays.parquet")
+        assert service.wait_idle(timeout=120)
+        live_docs = all_incidents(service)
+        alerts = service.store.outbox_rows("soc")
+        batches = metric(service, "exfilwatch_batches_total")
+    assert batches >= events.height / 200
+    docs = {d["group_key"]: d for d in live_docs}
+    for address in ("198.51.100.1", "198.51.100.2", "198.51.100.3"):
+        names = docs[f"address:{address}"]
+        assert names["events"] == names["principals_count"] == 1_000
+        assert len(names["principals"]) == 50 and names["principals"][0].startswith("guess")
+    guessed = docs["principal:support_3@*"]
+    assert guessed["events"] == guessed["addresses_count"] == 1_000
+    assert guessed["principals"] == ["support_3"] and len(guessed["addresses"]) == 50
+    places = [k for k in docs if k.startswith("principal:support_4@10.88.")]
+    assert len(places) == live.grouping.SPRAY_PLACES
+    assert docs["principal:support_4@*"]["addresses_count"] == 300 - live.grouping.SPRAY_PLACES
+    assert len(docs) == 4 + live.grouping.SPRAY_PLACES + 1
+    opened = sorted(a["incident_id"] for a in alerts if a["kind"] == "incident.opened")
+    assert opened == sorted(d["id"] for d in live_docs)
+    assert len(alerts) <= 4 * len(live_docs)  # opened, and at most one per severity above
+    batch = pipeline.score(models / "default", [spool / "sprays.parquet"], None).incidents
+    shown = [{k: v for k, v in d.items() if k not in ("status_changed_at", "status_comment",
+                                                       "status_by", "updated_at")}
+             for d in live_docs]
+    assert sorted(shown, key=lambda d: d["id"]) == sorted(batch, key=lambda d: d["id"])

@@ -29,12 +29,17 @@ The contract of ``feed(data, *, final=False, idle=False) -> Parsed``:
   ``consumed == len(data)``. ``idle=True``: the writer has paused (e.g. the file has not grown
   for a second): every newline-terminated record is emitted, statements still open included;
   only an unterminated last line is kept. Without either, a statement is emitted once a later
-  record of its session follows it, or :data:`~detector.adapters.base.SETTLE_RECORDS` records
-  of any session do.
+  record of its session follows it (MariaDB: its QUERY line), or once the records after it
+  reach :data:`~detector.adapters.base.SETTLE_RECORDS` records,
+  :data:`~detector.adapters.base.SETTLE_BYTES` bytes or a log time
+  :data:`~detector.adapters.base.SETTLE_SECONDS` past its first line; so what a feed holds
+  back stays within those bounds. A line of a statement that has ended is rejected as
+  ``duplicate_statement``.
 * State carried between feeds is small and bounded
-  (:data:`~detector.adapters.base.MAX_SESSIONS` sessions): per-session statement text for
-  ``<previously logged>`` and, for stderr, the client address, session id, user, database
-  and application of each backend pid.
+  (:data:`~detector.adapters.base.MAX_SESSIONS` sessions,
+  :data:`~detector.adapters.base.MAX_STATEMENTS` statements): per-session statement text for
+  ``<previously logged>``, the keys of the statements emitted last and, for stderr, the
+  client address, session id, user, database and application of each backend pid.
 
 Options (keywords of every constructor): ``location`` (names the stream in rejects),
 ``timezone`` (IANA zone for timestamps with no usable offset: MariaDB's local times,

@@ -1,11 +1,13 @@
 """What every audit-log adapter shares: the :class:`Parsed` result, reject reasons, the
-bounded session memory and the rule that decides how much of a chunk is consumed."""
+bounded session memory, the bounds on how long a statement is held back and the rule that
+decides how much of a chunk is consumed."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Final, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -23,13 +25,24 @@ ADAPTER_REASONS: Final[dict[str, str]] = {
     "unknown_class": "a pgaudit CLASS or MariaDB operation that is not known",
     "unknown_session": "the principal is not on the line and the session's start was not seen",
     "invalid_utf8": "a record is not valid UTF-8",
+    "duplicate_statement": "a line of a statement that has already ended (sent again by a log "
+    "shipper, or logged after the statement was released)",
 }
 
-#: How many records must follow a statement's last line (with none of its own) before the
-#: statement counts as complete when neither ``final`` nor ``idle`` is given.
+#: A statement whose last line is followed by this many records (none of its own session)
+#: counts as complete when neither ``final`` nor ``idle`` is given; so do the next two bounds.
 SETTLE_RECORDS: Final = 512
+#: ... or by records spanning this many bytes: what an adapter holds back behind a statement
+#: stays below this (the directory source reads 8 MiB at a time).
+SETTLE_BYTES: Final = 1024 * 1024
+#: ... or by a record logged this many seconds after the statement's first line (log time,
+#: the wall clock as written, to the second).
+SETTLE_SECONDS: Final = 5.0
 #: Sessions remembered across feeds (oldest forgotten first).
 MAX_SESSIONS: Final = 65_536
+#: Emitted statements remembered by session and statement id, so that a line of one that
+#: comes again is rejected as ``duplicate_statement`` (oldest forgotten first).
+MAX_STATEMENTS: Final = 65_536
 #: Longest raw text kept in a reject's ``record``.
 RAW_CHARS: Final = 4096
 
@@ -84,6 +97,22 @@ class BoundedMap(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+class RecentKeys(dict[K, None]):
+    """The latest ``limit`` distinct keys added, the oldest forgotten first (a dict, so that
+    ``key in keys`` costs a lookup and no call)."""
+
+    def __init__(self, limit: int = MAX_STATEMENTS) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def add(self, keys: Iterable[K]) -> None:
+        self.update(dict.fromkeys(keys))
+        excess = len(self) - self.limit
+        if excess > 0:
+            for key in list(islice(self, excess)):
+                del self[key]
 
 
 class LineCounter:
@@ -150,6 +179,34 @@ class RejectList:
             }
         )
         return df if cut is None else df.filter(pl.col("_start") < cut)
+
+
+def log_seconds(times: pl.Series) -> np.ndarray:
+    """Each log time's wall clock in seconds (from its ``YYYY-MM-DD HH:MM:SS`` start, a ``T``
+    allowed between date and time; the zone is not read: one stream writes one zone), NaN
+    where a time is missing or not of that shape."""
+    text = times.cast(pl.String)
+    stamp = (text.str.slice(0, 10) + " " + text.str.slice(11, 8)).str.strptime(
+        pl.Datetime("ms"), "%Y-%m-%d %H:%M:%S", strict=False
+    )
+    seconds = stamp.dt.epoch("s").cast(pl.Float64).to_numpy()
+    return np.asarray(seconds, dtype=np.float64)
+
+
+def followed_in_time(first: np.ndarray, later: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Which statements are followed by a record logged :data:`SETTLE_SECONDS` or more after
+    their first line. ``first`` is the log time of each statement's first line, ``later`` the
+    log times of the records that may follow them (in stream order) and ``at[i]`` the first of
+    those that comes after statement ``i``'s last line; times in seconds (:func:`log_seconds`),
+    NaN where unknown."""
+    out = np.zeros(len(first), dtype=bool)
+    inside = at < later.size
+    if later.size == 0 or not inside.any():
+        return out
+    latest = np.fmax.accumulate(later[::-1])[::-1]  # the latest time from each record on
+    with np.errstate(invalid="ignore"):
+        out[inside] = latest[at[inside]] >= first[inside] + SETTLE_SECONDS
+    return out
 
 
 def cut_point(first: np.ndarray, last: np.ndarray, complete: np.ndarray, end: int) -> int:

@@ -9,6 +9,11 @@ must be configured). Syslog lines carry the same fields without TIMESTAMP after
 OBJECT of a QUERY line is the statement in single quotes with ``\\'``, ``\\\\``, ``\\n``,
 ``\\r`` escapes; the TABLE events (READ, WRITE, CREATE, ALTER, RENAME, DROP) that come before
 a QUERY line with the same connection and query id are merged into that event as its objects.
+The QUERY line ends a statement (a stored procedure's CALL comes after the statements it ran);
+a statement still without one is released as it stands once the hold-back bounds of
+:mod:`detector.adapters.base` pass. A line of a statement whose QUERY line was read already
+(remembered for :data:`~detector.adapters.base.MAX_STATEMENTS` statements) was sent again: it
+is rejected as ``duplicate_statement``.
 CONNECT is ``login`` (``login_failed`` when RETCODE is not 0), FAILED_CONNECT ``login_failed``,
 DISCONNECT is skipped. The action of a query comes from its first keyword; ``SELECT ... INTO
 OUTFILE`` and mysqldump's ``SELECT /*!40001 SQL_NO_CACHE */`` are ``copy``. There are no row
@@ -20,18 +25,25 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
+import numpy as np
 import polars as pl
 
 from detector.adapters.base import (
+    MAX_STATEMENTS,
+    SETTLE_BYTES,
     SETTLE_RECORDS,
     LineCounter,
     Parsed,
+    RecentKeys,
     RejectList,
     cut_point,
     finish_rejects,
+    followed_in_time,
     kv_list,
+    log_seconds,
     no_events,
 )
 from detector.validation import validate
@@ -48,7 +60,7 @@ _KEYWORD_ACTIONS: Final[dict[str, str]] = {
     **dict.fromkeys(("CREATE", "ALTER", "DROP", "RENAME", "TRUNCATE"), "ddl"),
     **dict.fromkeys(("GRANT", "REVOKE", "SET PASSWORD"), "dcl"),
 }
-_KEYWORD: Final = re.compile(r"\s*(?:/\*(?!!)(?:[^*]|\*[^/])*\*/\s*)*\(*\s*([A-Za-z]+)")
+_WORD: Final = re.compile(r"[A-Za-z]+")
 _DUMP: Final = re.compile(r"/\*!40001 SQL_NO_CACHE \*/|\bINTO\s+(?:OUT|DUMP)FILE\b", re.I)
 _DCL_CREATE: Final = re.compile(r"\s*(?:CREATE|ALTER|DROP|RENAME)\s+(?:USER|ROLE)\b", re.I)
 _UNESCAPE: Final = re.compile(r"\\(.)")
@@ -65,15 +77,33 @@ _MONTHS: Final = (
 
 def statement_action(text: str) -> tuple[str, str | None]:
     """(action, command) of a statement from its first keyword."""
-    match = _KEYWORD.match(text)
-    if match is None:
+    command = _first_keyword(text)
+    if command is None:
         return "other", None
-    command = match.group(1).upper()
     if _DCL_CREATE.match(text):
         return "dcl", command
     if command in ("SELECT", "WITH") and _DUMP.search(text):
         return "copy", command
     return _KEYWORD_ACTIONS.get(command, "other"), command
+
+
+def _first_keyword(text: str) -> str | None:
+    """The first word of a statement (upper case), past whitespace, opening parentheses and
+    comments other than MySQL's executable ``/*! ... */``; None when there is none. Each
+    character is looked at once at most (a comment is skipped with one ``find``)."""
+    i, n = 0, len(text)
+    while i < n:
+        if text[i].isspace() or text[i] == "(":
+            i += 1
+        elif text.startswith("/*", i) and not text.startswith("/*!", i):
+            end = text.find("*/", i + 2)
+            if end < 0:
+                return None
+            i = end + 2
+        else:
+            break
+    match = _WORD.match(text, i)
+    return match.group(0).upper() if match else None
 
 
 def _unquote(obj: str) -> str:
@@ -82,6 +112,9 @@ def _unquote(obj: str) -> str:
     elif obj.startswith("'"):
         obj = obj[1:]  # cut short by server_audit_query_log_limit
     return _UNESCAPE.sub(lambda m: _UNESCAPES.get(m.group(1), m.group(1)), obj)
+
+
+_NO_KEY: Final = ""  # the key of a row that is no statement (a login)
 
 
 class MariadbAuditParser:
@@ -105,20 +138,15 @@ class MariadbAuditParser:
         self.year = year
         self._clock = clock
         self._lines = LineCounter()
+        #: "connection,query id" of the statements emitted with their QUERY line
+        self._closed: RecentKeys[str] = RecentKeys(MAX_STATEMENTS)
 
     def feed(self, data: bytes, *, final: bool = False, idle: bool = False) -> Parsed:
         """Parse ``data`` (the unconsumed rest of the previous call, then new bytes)."""
         stop = len(data) if final else data.rfind(b"\n") + 1
         rejects = RejectList()
-        rows: list[dict[str, Any]] = []
-        groups: dict[tuple[str, str], int] = {}
-        firsts: list[int] = []
-        lasts: list[int] = []
-        complete: list[bool] = []
-        skipped: dict[str, int] = {}
-        last_line_of_conn: dict[str, int] = {}
-        pos, line = 0, self._lines.line
-        index = 0
+        got = _Gathered()
+        pos, line, index = 0, self._lines.line, 0
         while pos < stop:
             newline = data.find(b"\n", pos, stop)
             nxt = stop if newline < 0 else newline + 1
@@ -128,30 +156,79 @@ class MariadbAuditParser:
                 fields = self._fields(raw, pos, where, rejects)
                 if fields is not None:
                     index += 1
-                    last_line_of_conn[fields["conn"]] = index
-                    self._add(
-                        fields, pos, where, index, rows, groups, firsts, lasts, complete, skipped
-                    )
+                    if not self._add(fields, pos, nxt, where, index, got):
+                        detail = (
+                            f"query {fields['query']} of connection {fields['conn']} again, "
+                            "after its QUERY line"
+                        )
+                        rejects.add(pos, where, "duplicate_statement", detail, raw)
             pos, line = nxt, line + 1
-        if not (final or idle):
-            for i, row in enumerate(rows):
-                if not complete[i]:
-                    later = last_line_of_conn.get(row["session_id"] or "", 0) > row["_index"]
-                    complete[i] = later or index - row["_index"] >= SETTLE_RECORDS
-        import numpy as np
-
+        complete = (
+            np.ones(len(got.rows), dtype=bool)
+            if final or idle
+            else self._settled(got, data, stop, index)
+        )
         cut = cut_point(
-            np.array(firsts, dtype=np.int64),
-            np.array(lasts, dtype=np.int64),
-            np.array(complete if not (final or idle) else [True] * len(rows), dtype=bool),
+            np.array(got.firsts, dtype=np.int64),
+            np.array(got.lasts, dtype=np.int64),
+            complete,
             stop,
         )
-        kept = [r for r, last in zip(rows, lasts, strict=True) if last < cut]
+        kept: list[dict[str, Any]] = []
+        closed: list[str] = []
+        for row, last, key, queried in zip(got.rows, got.lasts, got.keys, got.queried, strict=True):
+            if last < cut:
+                kept.append(row)
+                if queried:
+                    closed.append(key)
+        self._closed.add(closed)
         events, bad = self._validate(kept)
         self._lines.advance(data, cut)
+        skipped: dict[str, int] = {}
+        for at, kind in got.skipped:
+            if at < cut:
+                skipped[kind] = skipped.get(kind, 0) + 1
         return Parsed(
             events, finish_rejects([rejects.frame(cut), bad]), cut, sum(skipped.values()), skipped
         )
+
+    def _settled(self, got: _Gathered, data: bytes, stop: int, count: int) -> np.ndarray:
+        """Which rows may be emitted when more data may follow (``count`` records were read,
+        up to ``stop``): the ended statements and logins, and those whose latest line is
+        followed by SETTLE_RECORDS records, SETTLE_BYTES bytes or a record logged
+        SETTLE_SECONDS after their first."""
+        done = np.array(got.closed, dtype=bool)
+        pending = np.flatnonzero(~done)
+        if pending.size == 0:
+            return done
+        lasts = np.array(got.last_index, dtype=np.int64)[pending]
+        after = np.array(got.after, dtype=np.int64)[pending]
+        done[pending] = (count - lasts >= SETTLE_RECORDS) | (stop - after >= SETTLE_BYTES)
+        keep = ~done[pending]
+        pending, after = pending[keep], after[keep]
+        if pending.size:  # all within SETTLE_BYTES of the end: read those times again
+            starts, times = self._times(data, int(after.min()), stop)
+            first = log_seconds(pl.Series([got.rows[i]["event_time"] for i in pending]))
+            at = np.searchsorted(np.array(starts, dtype=np.int64), after)
+            done[pending] = followed_in_time(first, log_seconds(pl.Series(times)), at)
+        return done
+
+    def _times(self, data: bytes, start: int, stop: int) -> tuple[list[int], list[str]]:
+        """Where each record of ``data[start:stop]`` starts, and its log time."""
+        starts: list[int] = []
+        times: list[str] = []
+        unused = RejectList()
+        pos = start
+        while pos < stop:
+            newline = data.find(b"\n", pos, stop)
+            nxt = stop if newline < 0 else newline + 1
+            raw = data[pos:nxt].rstrip(b"\r\n")
+            fields = self._fields(raw, pos, "", unused) if raw.strip() else None
+            if fields is not None:
+                starts.append(pos)
+                times.append(fields["time"])
+            pos = nxt
+        return starts, times
 
     def _fields(
         self, raw: bytes, pos: int, where: str, rejects: RejectList
@@ -199,34 +276,31 @@ class MariadbAuditParser:
         }
 
     def _add(
-        self,
-        f: dict[str, str],
-        pos: int,
-        where: str,
-        index: int,
-        rows: list[dict[str, Any]],
-        groups: dict[tuple[str, str], int],
-        firsts: list[int],
-        lasts: list[int],
-        complete: list[bool],
-        skipped: dict[str, int],
-    ) -> None:
+        self, f: dict[str, str], pos: int, nxt: int, where: str, index: int, got: _Gathered
+    ) -> bool:
+        """Take the record ``f``, the ``index``-th of the feed (its line spans ``pos`` to
+        ``nxt``); False when it is a line of a statement whose QUERY line was read already."""
         op = f["op"]
-        key = (f["conn"], f["query"])
         if op in SKIPPED_OPS:
-            skipped[op.lower()] = skipped.get(op.lower(), 0) + 1
-            return
+            got.skipped.append((pos, op.lower()))
+            return True
         if op in TABLE_OPS or op in _QUERY_OPS:
-            at = groups.get(key)
+            key = f"{f['conn']},{f['query']}"  # one small object, kept after the feed
+            at = got.open.get(key)
             if at is None:
-                at = len(rows)
-                groups[key] = at
-                rows.append(self._row(f, where, index, "other", None))
-                firsts.append(pos)
-                lasts.append(pos)
-                complete.append(False)
-            row = rows[at]
-            lasts[at] = pos
+                if key in self._closed:
+                    return False
+            elif got.closed[at]:
+                return False
+            elif index - got.last_index[at] > SETTLE_RECORDS or pos - got.after[at] >= SETTLE_BYTES:
+                at = None  # the statement was released before this line came: a new one
+            if at is None:
+                row = self._row(f, where, index, "other", None)
+                at = got.add(row, key, pos, nxt, index, False)
+                got.open[key] = at
+            else:
+                got.lasts[at], got.after[at], got.last_index[at] = pos, nxt, index
+            row = got.rows[at]
             if op in TABLE_OPS:
                 name = f["obj"] if "." in f["obj"] or not f["db"] else f"{f['db']}.{f['obj']}"
                 if name not in row["objects"]:
@@ -242,8 +316,8 @@ class MariadbAuditParser:
                     _ret=f["ret"],
                     event_time=f["time"],
                 )
-                complete[at] = True
-            return
+                got.closed[at] = got.queried[at] = True
+            return True
         if op in LOGIN_OPS or op == "FAILED_CONNECT":
             ok = op != "FAILED_CONNECT" and f["ret"] == "0"
             row = self._row(f, where, index, "login" if ok else "login_failed", "LOGIN")
@@ -251,10 +325,8 @@ class MariadbAuditParser:
         else:
             row = self._row(f, where, index, "other", op)
             row["_unknown"] = True
-        rows.append(row)
-        firsts.append(pos)
-        lasts.append(pos)
-        complete.append(True)
+        got.add(row, _NO_KEY, pos, nxt, index, True)
+        return True
 
     def _row(
         self, f: dict[str, str], where: str, index: int, action: str, command: str | None
@@ -314,6 +386,42 @@ class MariadbAuditParser:
         now = self._clock()
         year = self.year or (now.year - 1 if month > now.month + 1 else now.year)
         return f"{year}-{month:02d}-{int(text[4:6]):02d} {text[7:15]}"
+
+
+@dataclass(slots=True)
+class _Gathered:
+    """What one feed collects: a row per event to be (statements and logins), where its
+    lines lie and whether it has ended."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    firsts: list[int] = field(default_factory=list)  # byte offset of a row's first line
+    lasts: list[int] = field(default_factory=list)  # ... of its latest line
+    after: list[int] = field(default_factory=list)  # ... just past its latest line
+    last_index: list[int] = field(default_factory=list)  # record number of its latest line
+    closed: list[bool] = field(default_factory=list)  # a login, or a statement's QUERY read
+    queried: list[bool] = field(default_factory=list)  # a statement's QUERY read
+    keys: list[str] = field(default_factory=list)  # "connection,query id"
+    open: dict[str, int] = field(default_factory=dict)  # the open row of each key
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # where, what
+
+    def add(
+        self,
+        row: dict[str, Any],
+        key: str,
+        pos: int,
+        nxt: int,
+        index: int,
+        closed: bool,
+    ) -> int:
+        self.rows.append(row)
+        self.firsts.append(pos)
+        self.lasts.append(pos)
+        self.after.append(nxt)
+        self.last_index.append(index)
+        self.closed.append(closed)
+        self.queried.append(False)
+        self.keys.append(key)
+        return len(self.rows) - 1
 
 
 class MariadbSyslogParser(MariadbAuditParser):

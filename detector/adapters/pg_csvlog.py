@@ -67,7 +67,11 @@ class PgCsvlogParser(RecordParser):
             columns, spans = fast
             firsts_fast = (np.cumsum(spans) - spans).tolist()
             rows, firsts, end_line = _read_rows(
-                lines[head:], final, rejects, self.options.name, self.line + head,
+                lines[head:],
+                final,
+                rejects,
+                self.options.name,
+                self.line + head,
                 line_starts[head:],
             )
             firsts = [f + head for f in firsts]

@@ -28,6 +28,9 @@ DEFAULT_PREFIX: Final = "%m [%p] "
 _TIME: Final = (
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?(?: [A-Za-z][\w/+-]*| [+-]\d\d?(?::?\d\d)?)?"
 )
+#: A name PostgreSQL cuts to NAMEDATALEN - 1 bytes (user, database, application): the bound
+#: keeps a line whose fields do not line up from costing more than a few thousand steps.
+_NAME: Final = r"[^\n]{0,63}?"
 #: What each escape of log_line_prefix matches; a name makes it a captured field.
 _ESCAPES: Final[dict[str, tuple[str | None, str]]] = {
     "m": ("time", _TIME),
@@ -36,18 +39,18 @@ _ESCAPES: Final[dict[str, tuple[str | None, str]]] = {
     "s": (None, _TIME),
     "p": ("pid", r"\d+"),
     "P": (None, r"\d*"),
-    "u": ("user", r".*?"),
-    "d": ("db", r".*?"),
-    "a": ("app", r".*?"),
-    "h": ("host", r"\S*?"),
-    "r": ("host", r"\S*?(?:\(\d+\))?"),
+    "u": ("user", _NAME),
+    "d": ("db", _NAME),
+    "a": ("app", _NAME),
+    "h": ("host", r"\S{0,255}?"),
+    "r": ("host", r"\S{0,255}?(?:\(\d+\))?"),
     "c": ("session", r"[0-9a-f]+\.[0-9a-f]+"),
     "l": (None, r"\d+"),
-    "v": (None, r".*?"),
+    "v": (None, r"[^\n]{0,32}?"),
     "x": (None, r"\d*"),
     "e": (None, r"[0-9A-Z]{5}"),
-    "i": (None, r".*?"),
-    "b": (None, r".*?"),
+    "i": (None, _NAME),
+    "b": (None, _NAME),
     "Q": (None, r"-?\d+"),
 }
 _RECEIVED: Final = re.compile(r"connection received: host=(\S+)")
@@ -223,8 +226,9 @@ class PgStderrParser:
             else:
                 end = at
         if not complete and last_start >= 0 and at >= len(text):
-            end = last_start  # the last record may still get continuation lines
-            _drop_last(cols, starts)
+            # the last record may still get continuation lines: it is not consumed, but it
+            # stays in the frame, where it shows that its session has moved on
+            end = last_start
         return cols, starts, end, updates
 
     def _reject_gap(self, text: str, begin: int, stop: int, line: int, rejects: RejectList) -> None:
@@ -244,12 +248,6 @@ def _not_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-def _drop_last(cols: dict[str, list[object]], starts: list[int]) -> None:
-    starts.pop()
-    for values in cols.values():
-        values.pop()
 
 
 def _track(

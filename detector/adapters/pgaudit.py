@@ -6,7 +6,11 @@ into records and hand this module one polars frame of them (:data:`RECORD_COLUMN
 * ``AUDIT:`` messages are parsed with the csv module (``AUDIT_TYPE, STATEMENT_ID,
   SUBSTATEMENT_ID, CLASS, COMMAND, OBJECT_TYPE, OBJECT_NAME, STATEMENT, PARAMETER[, ROWS]``);
   the lines of one statement (same session, statement id and substatement id: one per
-  relation with ``pgaudit.log_relation``) become one event listing every object.
+  relation with ``pgaudit.log_relation``) become one event listing every object. pgaudit
+  writes them one after the other within their session, so a line of a statement that comes
+  after another record of its session, or after the statement was emitted (remembered for
+  :data:`~detector.adapters.base.MAX_STATEMENTS` statements), is a line sent again: it is
+  rejected as ``duplicate_statement``.
 * ``connection authorized`` becomes a ``login`` event and a FATAL ``authentication failed`` /
   ``no pg_hba.conf entry`` / ``role ... does not exist`` a ``login_failed`` event; every other
   record is skipped and counted by kind.
@@ -26,17 +30,23 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
 import polars as pl
 
 from detector.adapters.base import (
+    MAX_STATEMENTS,
+    SETTLE_BYTES,
     SETTLE_RECORDS,
+    SETTLE_SECONDS,
     BoundedMap,
     LineCounter,
     Parsed,
     RejectList,
     cut_point,
     finish_rejects,
+    followed_in_time,
     kv_list,
+    log_seconds,
     no_events,
 )
 from detector.validation import validate
@@ -87,12 +97,32 @@ class PgOptions:
     db_instance: str | None = None
 
 
+#: What names a statement: session (or pid), statement id, substatement id.
+KEY: Final = ("skey", "stmt", "substmt")
+
+
 class PgState:
     """What is remembered across feeds: the text of each session's latest statement (for
-    ``<previously logged>`` lines whose first line was emitted by an earlier feed)."""
+    ``<previously logged>`` lines whose first line was emitted by an earlier feed) and the
+    keys of the latest :data:`~detector.adapters.base.MAX_STATEMENTS` statements emitted."""
 
     def __init__(self) -> None:
         self.texts: BoundedMap[tuple[str, str, str], str] = BoundedMap()
+        self.emitted = pl.DataFrame(schema=dict.fromkeys(KEY, pl.String))
+
+    def seen(self, keys: pl.DataFrame) -> pl.Series:
+        """Which of ``keys`` (columns :data:`KEY`) name a statement emitted before."""
+        if self.emitted.height == 0:
+            return pl.Series("seen", [False] * keys.height, dtype=pl.Boolean)
+        hits = keys.with_row_index("_row").join(self.emitted, on=list(KEY), how="semi")
+        seen = np.zeros(keys.height, dtype=bool)
+        seen[hits.get_column("_row").to_numpy()] = True
+        return pl.Series("seen", seen)
+
+    def add(self, keys: pl.DataFrame) -> None:
+        """Remember ``keys`` as emitted (the oldest past the limit are forgotten)."""
+        if keys.height:
+            self.emitted = pl.concat([self.emitted, keys.select(KEY)]).tail(MAX_STATEMENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +184,7 @@ def process(
         kind=_kind_expr(),
     )
     audit = _audit_lines(rec, rejects, options.name)
-    groups = _groups(audit, rec, complete_all, state)
+    groups = _groups(audit, rec, rejects, end, complete_all, state, options.name)
     cut = cut_point(
         groups.get_column("_start").to_numpy(),
         groups.get_column("_last").to_numpy(),
@@ -163,6 +193,7 @@ def process(
     )
     groups = groups.filter(pl.col("_last") < cut)
     _remember(groups, state)
+    state.add(groups.select(KEY))
     done = rec.filter(pl.col("_start") < cut)
     logins = _logins(done.filter(pl.col("kind").is_in(["login", "login_failed"])))
     skipped = Counter(
@@ -236,9 +267,7 @@ def _audit_lines(rec: pl.DataFrame, rejects: RejectList, name: str) -> pl.DataFr
         ]
         keep = lines.filter(pl.Series(ok, dtype=pl.Boolean))
     # row-oriented construction: about three times faster than transposing in Python
-    fields = pl.DataFrame(
-        good_rows, schema={f: pl.String for f in _PAYLOAD_FIELDS}, orient="row"
-    )
+    fields = pl.DataFrame(good_rows, schema={f: pl.String for f in _PAYLOAD_FIELDS}, orient="row")
     return _checked(pl.concat([keep, fields], how="horizontal"), rejects, name)
 
 
@@ -297,18 +326,59 @@ def _checked(audit: pl.DataFrame, rejects: RejectList, name: str) -> pl.DataFram
 
 
 def _groups(
-    audit: pl.DataFrame, rec: pl.DataFrame, complete_all: bool, state: PgState
+    audit: pl.DataFrame,
+    rec: pl.DataFrame,
+    rejects: RejectList,
+    end: int,
+    complete_all: bool,
+    state: PgState,
+    name: str,
 ) -> pl.DataFrame:
-    """One row per statement: the lines of one (session, statement, substatement) merged."""
+    """One row per statement: the lines of one (session, statement, substatement) merged.
+    Lines sent again are rejected (see the module docstring); ``_complete`` says which
+    statements may be emitted now."""
+    # a line rejected on its own is no record of its session: it neither ends a statement
+    # nor separates two lines of one
+    session = rec
+    if audit.height < (rec.get_column("kind") == "audit").sum():
+        session = rec.filter(
+            (pl.col("kind") != "audit") | pl.col("_idx").is_in(audit.get_column("_idx").implode())
+        )
+    groups = _merged(audit)
+    spread = groups.filter(
+        (pl.col("_n") > 1) & (pl.col("_last_idx") - pl.col("_idx") >= pl.col("_n"))
+    )
+    if spread.height:  # other records between a statement's lines: did it end before some?
+        again = _later_runs(audit, rec, session, spread.select(KEY))
+        if again.height:
+            _reject_again(again, rejects, name, "after the statement ended")
+            audit = audit.filter(~pl.col("_idx").is_in(again.get_column("_idx").implode()))
+            groups = _merged(audit)
+    seen = state.seen(groups.select(KEY))
+    if seen.any():
+        again = audit.join(groups.filter(seen).select(KEY), on=list(KEY), how="semi")
+        _reject_again(again, rejects, name, "after the statement was emitted")
+        groups = groups.filter(~seen)
+    groups = groups.drop("_n")
+    if groups.height == 0:
+        return groups.with_columns(_complete=pl.lit(True))
+    groups = _carried_text(groups, state)
+    if complete_all:
+        return groups.with_columns(_complete=pl.lit(True))
+    return groups.with_columns(_complete=pl.Series(_settled(groups, rec, session, end)))
+
+
+def _merged(audit: pl.DataFrame) -> pl.DataFrame:
+    """The lines of each statement as one row (``_n``: how many)."""
     statement = (
         pl.when(pl.col("statement").is_in([_NOT_LOGGED, _PREVIOUSLY]))
         .then(None)
         .otherwise(pl.col("statement"))
     )
     obj = pl.when(pl.col("object_name") == "").then(None).otherwise(pl.col("object_name"))
-    groups = (
+    return (
         audit.with_columns(statement=statement, object_name=obj)
-        .group_by("skey", "stmt", "substmt", maintain_order=True)
+        .group_by(*KEY, maintain_order=True)
         .agg(
             pl.col("_start", "_line", "_idx", "time", "user", "db", "pid", "session").first(),
             pl.col("host", "app", "audit_type", "cls", "command", "object_type").first(),
@@ -318,23 +388,107 @@ def _groups(
             pl.col("statement").drop_nulls().first(),
             pl.col("rows").cast(pl.Int64, strict=False).max(),
             pl.col("statement").is_null().all().alias("_no_text"),
+            pl.len().alias("_n"),
         )
     )
-    if groups.height == 0:
-        return groups.with_columns(_complete=pl.lit(True))
-    groups = _carried_text(groups, state)
-    if complete_all:
-        return groups.with_columns(_complete=pl.lit(True))
-    last_in_session = rec.group_by("skey").agg(pl.col("_idx").max().alias("_session_last"))
-    total = rec.height
-    return (
-        groups.join(last_in_session, on="skey", how="left", maintain_order="left")
-        .with_columns(
-            _complete=(pl.col("_session_last") > pl.col("_last_idx"))
-            | (pl.lit(total) - 1 - pl.col("_last_idx") >= SETTLE_RECORDS)
-        )
-        .drop("_session_last")
+
+
+def _later_runs(
+    audit: pl.DataFrame, rec: pl.DataFrame, session: pl.DataFrame, keys: pl.DataFrame
+) -> pl.DataFrame:
+    """The lines of the statements ``keys`` that come after their statement ended: a
+    statement is its first run of lines, which ends at a record of its session other than
+    its own lines, or once the records after its latest line reach a bound that would have
+    released it (SETTLE_RECORDS records, SETTLE_BYTES bytes, a record logged SETTLE_SECONDS
+    after its first line). Row ``i`` of ``rec`` has ``_idx`` ``i``; ``session`` is the
+    records that count for their session."""
+    ordinal = np.full(rec.height, -1, dtype=np.int64)  # place among its session's records
+    order = session.select("_idx", pl.int_range(pl.len()).over("skey").alias("_ord"))
+    ordinal[order.get_column("_idx").to_numpy()] = order.get_column("_ord").to_numpy()
+    lines = (
+        audit.join(keys, on=list(KEY), how="semi")
+        .select("_idx", "_start", "_line", "message", *KEY)
+        .sort(*KEY, "_idx")
     )
+    same = np.zeros(lines.height, dtype=bool)  # the line before is of the same statement
+    if lines.height > 1:
+        same[1:] = (
+            lines.select(pl.all_horizontal(pl.col(k) == pl.col(k).shift(1) for k in KEY))
+            .to_series()
+            .fill_null(False)
+            .to_numpy()[1:]
+        )
+    group = np.cumsum(~same)  # 1, 2, ... per statement
+    here = lines.get_column("_idx").to_numpy().astype(np.int64)
+    prev = np.where(same, np.roll(here, 1), -1)
+    heads = np.flatnonzero(~same)
+    first_of = here[heads][group - 1]  # the statement's first line
+    starts = rec.get_column("_start").to_numpy()
+    pair = same  # a line with an earlier line of its statement before it
+    ended = pair & (ordinal[here] - ordinal[np.maximum(prev, 0)] != 1)
+    ended |= pair & (here - prev - 1 >= SETTLE_RECORDS)
+    ended |= pair & (starts[here] - starts[np.minimum(prev + 1, len(starts) - 1)] >= SETTLE_BYTES)
+    # a record logged SETTLE_SECONDS after the statement's first line, between two of its
+    # lines: the running latest time finds the candidates, each is then looked at closely
+    low = int(first_of.min())
+    seconds = log_seconds(rec.get_column("time").slice(low, int(here.max()) - low + 1))
+    running = np.fmax.accumulate(seconds)
+    first = seconds[first_of - low]
+    with np.errstate(invalid="ignore"):
+        maybe = pair & ~ended & (running[np.maximum(here - 1 - low, 0)] >= first + SETTLE_SECONDS)
+    for k in np.flatnonzero(maybe):
+        between = seconds[prev[k] + 1 - low : here[k] - low]
+        ended[k] = _latest(between) >= first[k] + SETTLE_SECONDS
+    # once a statement has ended, every later line of it was sent again
+    after = np.maximum.accumulate(np.where(ended, np.arange(len(ended)), -1))
+    again = ended | ((after >= 0) & (group[np.maximum(after, 0)] == group))
+    return lines.filter(pl.Series(again)).sort("_idx")
+
+
+def _latest(seconds: np.ndarray) -> float:
+    """The latest of some log times (NaN for none that could be read)."""
+    return float(np.fmax.reduce(seconds, initial=np.nan)) if seconds.size else np.nan
+
+
+def _reject_again(lines: pl.DataFrame, rejects: RejectList, name: str, why: str) -> None:
+    for start, line, skey, stmt, substmt, message in lines.select(
+        "_start", "_line", *KEY, "message"
+    ).iter_rows():
+        detail = f"statement {stmt}.{substmt} of {skey[:40]} again, {why}"
+        rejects.add(start, f"{name}:{line}", "duplicate_statement", detail, message[7:])
+
+
+def _settled(
+    groups: pl.DataFrame, rec: pl.DataFrame, session: pl.DataFrame, end: int
+) -> np.ndarray:
+    """Whether each statement is complete: a later record of its session follows (among
+    ``session``), or after its last line come SETTLE_RECORDS records, SETTLE_BYTES bytes of
+    records or a record logged SETTLE_SECONDS after its first line (among all of ``rec``,
+    whose row ``i`` has ``_idx`` ``i``)."""
+    last_in_session = session.group_by("skey").agg(pl.col("_idx").max().alias("_session_last"))
+    lasts = groups.get_column("_last_idx").to_numpy()
+    later = (
+        groups.select("skey", "_last_idx")
+        .join(last_in_session, on="skey", how="left", maintain_order="left")
+        .select(pl.col("_session_last") > pl.col("_last_idx"))
+        .to_series()
+        .fill_null(False)
+        .to_numpy()
+    )
+    done = np.asarray(later, dtype=bool) | (rec.height - 1 - lasts >= SETTLE_RECORDS)
+    pending = np.flatnonzero(~done)
+    if pending.size:
+        starts = rec.get_column("_start").to_numpy()
+        after = np.append(starts[1:], end)[lasts[pending]]  # where the next record starts
+        done[pending] = end - after >= SETTLE_BYTES
+        pending = pending[~done[pending]]
+    if pending.size:  # all within SETTLE_RECORDS records of the end
+        times = rec.get_column("time")
+        low = int(lasts[pending].min()) + 1
+        first = log_seconds(times.gather(groups.get_column("_idx").to_numpy()[pending]))
+        tail = log_seconds(times.slice(low))
+        done[pending] = followed_in_time(first, tail, lasts[pending] + 1 - low)
+    return done
 
 
 def _carried_text(groups: pl.DataFrame, state: PgState) -> pl.DataFrame:

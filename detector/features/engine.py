@@ -10,7 +10,12 @@ Per batch it does, in order:
 3. stable 63-bit ids for principals, addresses, client apps, tenants and tables, computed on
    the batch's distinct values only;
 4. the compiled sequential pass (:mod:`detector.features.kernel`) over per-principal state;
-5. model features: each tracked quantity's excess over the principal's own baseline.
+5. model features: each tracked quantity's excess over the principal's own baseline;
+6. rows that read as new at the stream's clock (unused past their horizon) are dropped.
+
+The state stays bounded whatever the input (:class:`StateBounds`): names that never logged in
+hold at most ``max_unproven`` rows, later ones share the ``UNKNOWN_PRINCIPAL`` row, and none of
+them changes a feature of a principal that did log in (tests/test_state_bounds.py).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import polars as pl
 
 from detector.errors import ModelError
 from detector.features import kernel as K
-from detector.features.settings import FeatureSettings
+from detector.features.settings import FeatureSettings, StateBounds
 from detector.features.sqlshape import (
     KIND_CODES,
     ShapeCache,
@@ -37,8 +42,11 @@ from detector.features.sqlshape import (
     stable_hash,
 )
 from detector.schema import ACTIONS
+from detector.sqltext import ANALYSED_CHARS
 
 ENGINE_VERSION: Final = 7
+#: Layout of the saved state (state.npz + state.json); version 1 files still load.
+STATE_VERSION: Final = 2
 
 #: Columns of the model's input, in order. Every one is >= 0 and 0 means "as usual".
 MODEL_FEATURES: Final = (
@@ -61,6 +69,9 @@ PLAUSIBLE: Final = (
 
 #: Names of the state rows of peer groups (no principal name starts with a NUL).
 PEER_PREFIX: Final = "\x00peer:"
+#: The state row shared by the failed logins of new names once StateBounds.max_unproven
+#: names that never got in hold rows of their own.
+UNKNOWN_PRINCIPAL: Final = "\x00unknown"
 
 #: Columns carried from the event into the feature frame (for incidents and explanations).
 CONTEXT_COLUMNS: Final = (
@@ -241,13 +252,29 @@ def _grown(array: np.ndarray, extra: int) -> np.ndarray:
 class FeatureEngine:
     """Stateful, incremental feature computation. ``transform`` is the one verb."""
 
-    def __init__(self, settings: FeatureSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: FeatureSettings | None = None,
+        *,
+        max_statement_chars: int = ANALYSED_CHARS,
+        bounds: StateBounds | None = None,
+    ) -> None:
         self.settings = settings or FeatureSettings()
+        self.bounds = bounds or StateBounds()
+        self._bounds = np.zeros(K.N_BOUNDS)
+        self._bounds[K.B_IDLE_DAYS] = self.bounds.idle_days
+        self._bounds[K.B_UNPROVEN_S] = self.bounds.unproven_idle_s
+        #: Only this many leading characters of a statement are read for its shape.
+        self.max_statement_chars = max_statement_chars
+        #: How many statements were longer than that (their shape is of the first part), in
+        #: all and in the last batch.
+        self.statements_cut_ = 0
+        self.batch_statements_cut_ = 0
         self.params = _params(self.settings)
         self.expiry = K.default_expiry(self.params)
         self.spec = feature_spec(self.settings)
         self.spec_hash = spec_hash(self.spec)
-        self._shapes = ShapeCache(self.settings)
+        self._shapes = ShapeCache(self.settings, max_chars=max_statement_chars)
         self._hash_cache: dict[str, int] = {}
         self._table_cache: dict[str, tuple[bool, int, float, bool]] = {}
         keys = "|".join(re.escape(k) for k in self.settings.tenant_keys)
@@ -255,9 +282,18 @@ class FeatureEngine:
             rf"(?i)\b(?:{keys})\s*=\s*'([^']{{1,64}})'",
             rf"(?i)\b(?:{keys})\s*=\s*([0-9]+)\b",
         )
+        #: principal (or peer group) name -> state row, and back (None: a free row)
         self.principals_: dict[str, int] = {}
+        self.row_names_: list[str | None] = []
+        self.free_rows_: list[int] = []
         self.state_ = np.zeros((0, K.N_STATE))
         self.highs_ = np.zeros((0, K.N_HIGH), dtype=K.HIGH_DTYPE)
+        self.in_use_ = np.zeros(0, dtype=np.bool_)
+        #: the stream's clock and day count, and the next pair-entry id (kernel.C_*)
+        self.clock_ = _new_clock()
+        #: events of new names folded into the UNKNOWN_PRINCIPAL row, and rows dropped
+        self.events_folded_ = 0
+        self.rows_dropped_ = 0
         self.keys_ = np.full(1024, K.EMPTY, dtype=np.int64)
         self.kinds_ = np.zeros(1024, dtype=np.int8)
         self.ta_ = np.zeros(1024)
@@ -303,7 +339,7 @@ class FeatureEngine:
             cols["t"], watermark, self.time_pending_, MAX_AHEAD_S
         )
         self.events_time_held_ += held
-        pidx, peer = self._principal_index(events["db_user"])
+        pidx, peer = self._principal_index(events["db_user"], cols["action_code"])
         out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
             times,
             pidx,
@@ -335,7 +371,10 @@ class FeatureEngine:
             self.expiry,
             self.first_event_time_,
             _CAP,
+            self.clock_,
+            self._bounds,
         )
+        self._drop_stale_rows()
         self.events_seen_ += n
         self.last_event_time_ = watermark
         batch = FeatureBatch(events, out, _model_matrix(out), prep["tables"])
@@ -355,11 +394,16 @@ class FeatureEngine:
             .otherwise(pl.coalesce("rows_returned", "rows_affected"))
             .cast(pl.Float64)
             .fill_null(float("nan")),
-            h=row_fingerprint_expr("statement_text", dialect_expr("db_system")),
+            h=row_fingerprint_expr(
+                "statement_text", dialect_expr("db_system"), self.max_statement_chars
+            ),
+            cut=pl.col("statement_text").str.len_chars() > self.max_statement_chars,
             dialect=dialect_expr("db_system"),
             objects=pl.col("objects"),
             reading=reading,
         )
+        self.batch_statements_cut_ = int(base["cut"].sum())
+        self.statements_cut_ += self.batch_statements_cut_
         shapes = self._shapes.shapes(base["h"], events["statement_text"], base["dialect"])
         base = base.join(shapes, on="h", how="left", maintain_order="left")
         base = base.with_columns(
@@ -494,39 +538,101 @@ class FeatureEngine:
         """Stable 63-bit ids for a string column (null -> 0), hashing distinct values only."""
         uniq = column.drop_nulls().unique().to_list()
         cache = self._hash_cache
-        if len(cache) > 1_000_000:
+        if len(cache) > _HASH_CACHE_MAX:
             cache.clear()
         ids = [cache.get(u) or cache.setdefault(u, stable_hash(u) or 1) for u in uniq]
         mapped = column.replace_strict(uniq, ids, default=0, return_dtype=pl.Int64)
         return np.ascontiguousarray(mapped.to_numpy())
 
-    def _principal_index(self, users: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    def _principal_index(
+        self, users: pl.Series, action_code: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per event: the state row of its principal and of the principal's peer group (-1:
-        none). A peer group has a state row of its own, named ``PEER_PREFIX + group``."""
+        none). A peer group has a state row of its own, named ``PEER_PREFIX + group``, made
+        once a member that got in needs it. A new name with failed logins only in this batch
+        gets a row of its own while fewer than ``bounds.max_unproven`` names that never got in
+        hold one; past that its events share the ``UNKNOWN_PRINCIPAL`` row."""
         batch = users.unique(maintain_order=True).to_list()
+        got_in = set(
+            users.filter(pl.Series(action_code != _CODE["login_failed"])).unique().to_list()
+        )
+        unproven = self._unproven_rows()
+        unknown = -1
+        rows, peers = [], []
         for name in batch:
-            if name not in self.principals_:
-                self.principals_[name] = len(self.principals_)
-                group = self.settings.peer_group(name)
-                if group is not None and PEER_PREFIX + group not in self.principals_:
-                    self.principals_[PEER_PREFIX + group] = len(self.principals_)
-        grow = len(self.principals_) - self.state_.shape[0]
-        if grow > 0:
-            self._grow(max(grow, self.state_.shape[0] // 2, 64))
-        # map only this batch's principals: the cost follows the batch, not the population
-        rows = [self.principals_[name] for name in batch]
-        peers = []
-        for name in batch:
+            row = self.principals_.get(name)
+            ok = name in got_in
+            if row is None and not ok and unproven >= self.bounds.max_unproven:
+                unknown = self._row(UNKNOWN_PRINCIPAL)
+                rows.append(unknown)
+                peers.append(-1)
+                continue
+            if row is None:
+                row = self._row(name)
+                unproven += not ok
+            rows.append(row)
             group = self.settings.peer_group(name)
-            peers.append(self.principals_[PEER_PREFIX + group] if group is not None else -1)
-        idx = users.replace_strict(batch, rows, return_dtype=pl.Int64)
-        peer = users.replace_strict(batch, peers, return_dtype=pl.Int64)
-        return np.ascontiguousarray(idx.to_numpy()), np.ascontiguousarray(peer.to_numpy())
+            # the kernel reads and writes a group only for the work of members that got in
+            if group is not None and (ok or self.state_[row, K.S_PROVEN] > 0.0):
+                peers.append(self._row(PEER_PREFIX + group))
+            else:
+                peers.append(-1)
+        # map only this batch's principals: the cost follows the batch, not the population
+        idx = users.replace_strict(batch, rows, return_dtype=pl.Int64).to_numpy()
+        peer = users.replace_strict(batch, peers, return_dtype=pl.Int64).to_numpy()
+        if unknown >= 0:
+            self.events_folded_ += int(np.count_nonzero(idx == unknown))
+        return np.ascontiguousarray(idx), np.ascontiguousarray(peer)
+
+    def _row(self, name: str) -> int:
+        """The state row of ``name``, taken (a free one first) when it has none."""
+        row = self.principals_.get(name)
+        if row is not None:
+            return row
+        if self.free_rows_:
+            row = self.free_rows_.pop()
+            self.row_names_[row] = name
+        else:
+            row = len(self.row_names_)
+            self.row_names_.append(name)
+            if row >= self.state_.shape[0]:
+                self._grow(max(self.state_.shape[0] // 2, 64))
+        self.principals_[name] = row
+        self.in_use_[row] = True
+        return row
+
+    def _unproven_rows(self) -> int:
+        """Rows held by names that never got in (the shared row not counted)."""
+        used = self.state_[: len(self.row_names_)]
+        held = int(np.count_nonzero((used[:, K.S_SEEN] > 0.0) & (used[:, K.S_PROVEN] == 0.0)))
+        shared = self.principals_.get(UNKNOWN_PRINCIPAL)
+        if shared is not None and used[shared, K.S_SEEN] > 0.0 and used[shared, K.S_PROVEN] == 0:
+            held -= 1
+        return held
+
+    def _drop_stale_rows(self) -> None:
+        """Free the rows that read like absent ones at the stream's clock (see
+        kernel.stale_rows): the kernel would clear each at its next event, so dropping them
+        changes no result."""
+        stale = K.stale_rows(self.state_, self.in_use_, self.clock_, self._bounds)
+        if not stale.shape[0]:
+            return
+        for row in stale.tolist():
+            name = self.row_names_[row]
+            assert name is not None
+            del self.principals_[name]
+            self.row_names_[row] = None
+            self.free_rows_.append(row)
+        self.in_use_[stale] = False
+        self.state_[stale] = 0.0
+        self.highs_[stale] = 0.0
+        self.rows_dropped_ += int(stale.shape[0])
 
     def _grow(self, extra: int) -> None:
         """Add ``extra`` zeroed principal rows to the state and the daily highs."""
         self.state_ = _grown(self.state_, extra)
         self.highs_ = _grown(self.highs_, extra)
+        self.in_use_ = _grown(self.in_use_, extra)
 
     # ------------------------------------------------------------------ output
     def frame(self, batch: FeatureBatch, mask: np.ndarray | None = None) -> pl.DataFrame:
@@ -557,37 +663,48 @@ class FeatureEngine:
     # ------------------------------------------------------------------ state
     def save_state(self, directory: Path) -> list[Path]:
         """Write the state as ``state.npz`` (no pickled objects) and ``state.json``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        # The pair table goes as it is: an expired entry reads exactly like an absent one, and
-        # compacting it first would hold a second copy of the table while the service runs.
-        npz = directory / "state.npz"
-        with npz.open("wb") as fh:
-            np.savez_compressed(
-                fh,
-                principal_state=self.state_[: len(self.principals_)],
-                principal_highs=self.highs_[: len(self.principals_)],
-                keys=self.keys_,
-                kinds=self.kinds_,
-                ta=self.ta_,
-                va=self.va_,
-            )
-        meta = {
+        return self.snapshot_state().write(directory)
+
+    def snapshot_state(self) -> StateCopy:
+        """A copy of the state as it stands, for writing while the engine goes on: copying
+        takes a fraction of the time compressing and writing it does (see StateCopy.write).
+        Only rows in use are copied; the pair table goes as it is (an expired entry reads
+        exactly like an absent one)."""
+        rows = np.flatnonzero(self.in_use_)
+        arrays: dict[str, np.ndarray] = {
+            "principal_state": self.state_[rows],
+            "principal_highs": self.highs_[rows],
+            "keys": self.keys_.copy(),
+            "kinds": self.kinds_.copy(),
+            "ta": self.ta_.copy(),
+            "va": self.va_.copy(),
+        }
+        clock = self.clock_
+        meta: dict[str, Any] = {
             "engine_version": ENGINE_VERSION,
+            "state_version": STATE_VERSION,
             "spec_hash": self.spec_hash,
-            "principals": list(self.principals_),
+            "principals": [self.row_names_[r] for r in rows.tolist()],
             "table_size": self.size_,
             "events_seen": self.events_seen_,
             "last_event_time": self.last_event_time_,
             "first_event_time": self.first_event_time_,
             "time_pending": None if math.isnan(self.time_pending_) else self.time_pending_,
             "events_time_held": self.events_time_held_,
+            "events_folded": self.events_folded_,
+            "rows_dropped": self.rows_dropped_,
+            "clock": {
+                "time": None if math.isnan(clock[K.C_CLOCK]) else float(clock[K.C_CLOCK]),
+                "day": None if math.isinf(clock[K.C_DAY]) else float(clock[K.C_DAY]),
+                "days": float(clock[K.C_DAYS]),
+                "next_key": float(clock[K.C_NEXT_KEY]),
+            },
         }
-        js = directory / "state.json"
-        js.write_text(json.dumps(meta, indent=1))
-        return [npz, js]
+        return StateCopy(arrays, meta)
 
     def load_state(self, directory: Path) -> None:
-        """Restore state written by :meth:`save_state`; refuses another feature spec."""
+        """Restore state written by :meth:`save_state` (this state version or the one before);
+        refuses another feature spec."""
         try:
             meta = json.loads((directory / "state.json").read_text())
             with np.load(directory / "state.npz", allow_pickle=False) as z:
@@ -600,17 +717,37 @@ class FeatureEngine:
                 f"feature state in {directory} was built for another feature spec "
                 f"({meta.get('spec_hash')!s:.12} != {self.spec_hash:.12})"
             )
+        version = meta.get("state_version", 1)
+        if version not in (1, STATE_VERSION):
+            raise ModelError(
+                f"feature state in {directory} has state version {version}; this exfilwatch "
+                f"reads versions 1 and {STATE_VERSION}"
+            )
         names: list[str] = meta["principals"]
         state = arrays["principal_state"]
+        width = K.N_STATE_V1 if version == 1 else K.N_STATE
         if (
             highs is None
-            or state.shape != (len(names), K.N_STATE)
+            or state.shape != (len(names), width)
             or highs.shape != (len(names), K.N_HIGH)
         ):
             raise ModelError(f"feature state in {directory} is inconsistent")
+        if version == 1:
+            state, clock = _upgraded_v1(state, meta.get("last_event_time"))
+        else:
+            saved = meta["clock"]
+            clock = _new_clock()
+            clock[K.C_CLOCK] = math.nan if saved["time"] is None else saved["time"]
+            clock[K.C_DAY] = -math.inf if saved["day"] is None else saved["day"]
+            clock[K.C_DAYS] = saved["days"]
+            clock[K.C_NEXT_KEY] = saved["next_key"]
         self.principals_ = {name: i for i, name in enumerate(names)}
+        self.row_names_ = list(names)
+        self.free_rows_ = []
         self.state_ = np.array(state, dtype=np.float64, order="C")
         self.highs_ = np.array(highs, dtype=K.HIGH_DTYPE, order="C")
+        self.in_use_ = np.ones(len(names), dtype=np.bool_)
+        self.clock_ = clock
         self.keys_ = np.ascontiguousarray(arrays["keys"], dtype=np.int64)
         self.kinds_ = np.ascontiguousarray(arrays["kinds"], dtype=np.int8)
         self.ta_ = np.ascontiguousarray(arrays["ta"], dtype=np.float64)
@@ -622,3 +759,63 @@ class FeatureEngine:
         pending = meta.get("time_pending")
         self.time_pending_ = math.nan if pending is None else float(pending)
         self.events_time_held_ = int(meta.get("events_time_held", 0))
+        self.events_folded_ = int(meta.get("events_folded", 0))
+        self.rows_dropped_ = int(meta.get("rows_dropped", 0))
+
+
+@dataclass(frozen=True)
+class StateCopy:
+    """The feature state at one moment (see FeatureEngine.snapshot_state), owning its arrays:
+    writing it needs nothing of the engine, so it can happen in another thread."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    def write(self, directory: Path) -> list[Path]:
+        """Write ``state.npz`` (no pickled objects) and ``state.json`` into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        npz = directory / "state.npz"
+        with npz.open("wb") as fh:
+            a = self.arrays
+            np.savez_compressed(
+                fh,
+                principal_state=a["principal_state"],
+                principal_highs=a["principal_highs"],
+                keys=a["keys"],
+                kinds=a["kinds"],
+                ta=a["ta"],
+                va=a["va"],
+            )
+        js = directory / "state.json"
+        js.write_text(json.dumps(self.meta, indent=1))
+        return [npz, js]
+
+
+#: Distinct strings whose stable ids are cached (addresses, client apps, tenants, sessions);
+#: the cache starts again past it, so a flood of new session ids cannot grow it without end.
+_HASH_CACHE_MAX: Final = 200_000
+
+
+def _new_clock() -> np.ndarray:
+    """The clock of a stream that has not begun (see kernel.C_*)."""
+    clock = np.zeros(K.N_CLOCK)
+    clock[K.C_CLOCK] = math.nan
+    clock[K.C_DAY] = -math.inf
+    return clock
+
+
+def _upgraded_v1(state: np.ndarray, last_event_time: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """State rows and clock of a version-1 file in this layout. Every row counts as one that
+    got in (version 1 did not record it), keeps its row number as the id of its pair entries
+    (what version 1 keyed them by), and was last seen on the stream's day count 0."""
+    n = state.shape[0]
+    rows = np.zeros((n, K.N_STATE))
+    rows[:, : K.N_STATE_V1] = state
+    rows[:, K.S_PROVEN] = 1.0
+    rows[:, K.S_KEY] = np.arange(n, dtype=np.float64)
+    clock = _new_clock()
+    if last_event_time is not None:
+        clock[K.C_CLOCK] = float(last_event_time)
+        clock[K.C_DAY] = math.floor(float(last_event_time) / 86400.0)
+    clock[K.C_NEXT_KEY] = float(n)
+    return rows, clock

@@ -150,7 +150,28 @@ S_HSNAP0: Final = S_SNAP0 + (NB - NC)  # 24 hour-of-day bins as they stood when 
 S_DAYS_WE: Final = S_HSNAP0 + 24
 S_DAYS_WD: Final = S_DAYS_WE + 1
 S_ACTIVE_DAY: Final = S_DAYS_WE + 2
-N_STATE: Final = S_DAYS_WE + 3
+#: Columns of the first state layout (files of state version 1 hold only these).
+N_STATE_V1: Final = S_DAYS_WE + 3
+# the row's bookkeeping: whether the principal ever got in (any event but a failed login; a
+# peer group's row once a member's work reached it), the id its pair entries are keyed by (a
+# row made afresh gets a new one, so what its former occupant left in the pair table is never
+# read again), and the stream day count at its last event (see ``run``)
+S_PROVEN: Final = N_STATE_V1
+S_KEY: Final = N_STATE_V1 + 1
+S_LAST_SDAY: Final = N_STATE_V1 + 2
+N_STATE: Final = N_STATE_V1 + 3
+
+# --- the stream's clock, kept between batches (a float vector of its own) -------------------
+C_CLOCK: Final = 0  # the latest event time reached (NaN: none yet)
+C_DAY: Final = 1  # the day number of the clock when the day count last moved
+C_DAYS: Final = 2  # days of the stream with events: a count that skips the gaps
+C_NEXT_KEY: Final = 3  # the next pair-entry id a row gets
+N_CLOCK: Final = 4
+
+# --- state bounds (a float vector of their own: not part of the feature spec) ---------------
+B_IDLE_DAYS: Final = 0  # a row unused for this many days of the stream reads as new
+B_UNPROVEN_S: Final = 1  # a principal that never got in, idle this long, reads as new
+N_BOUNDS: Final = 2
 
 # --- per-principal daily highs, an array of their own ---------------------------------------
 #: HIGH_DAYS x NC daily highs (closed windows only), a ring of active days: six in seven of
@@ -519,6 +540,55 @@ def _live(keys: np.ndarray, ta: np.ndarray, j: int, now: float, expiry: float) -
     return bool(keys[j] != EMPTY and now - ta[j] <= expiry)
 
 
+@njit(cache=True, inline="always")
+def _clear(ps: np.ndarray, highs: np.ndarray, r: int) -> None:  # pragma: no cover - compiled
+    """Row ``r`` as a row never used: every value 0."""
+    for c in range(ps.shape[1]):
+        ps[r, c] = 0.0
+    for c in range(highs.shape[1]):
+        highs[r, c] = 0.0
+
+
+@njit(cache=True, inline="always")
+def _claim(ps: np.ndarray, r: int, clock: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Give row ``r`` a pair-entry id of its own if it is unused (a new or cleared row)."""
+    if ps[r, S_SEEN] == 0.0:
+        ps[r, S_KEY] = clock[C_NEXT_KEY]
+        clock[C_NEXT_KEY] += 1.0
+
+
+@njit(cache=True, inline="always")
+def expired(
+    ps: np.ndarray, r: int, now: float, days: float, bounds: np.ndarray
+) -> bool:  # pragma: no cover - compiled
+    """Whether row ``r``, used before, reads as new at stream time ``now`` and day count
+    ``days``: a principal that got in (or a peer group) unused for ``B_IDLE_DAYS`` days of the
+    stream, one that never got in idle for ``B_UNPROVEN_S`` seconds."""
+    if ps[r, S_SEEN] == 0.0:
+        return False
+    if ps[r, S_PROVEN] > 0.0:
+        return bool(days - ps[r, S_LAST_SDAY] > bounds[B_IDLE_DAYS])
+    return bool(now - ps[r, S_LAST_T] > bounds[B_UNPROVEN_S])
+
+
+@njit(cache=True)
+def stale_rows(
+    ps: np.ndarray, used: np.ndarray, clock: np.ndarray, bounds: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
+    """The rows in ``used`` that read exactly like absent ones at the stream's ``clock``:
+    never used, or :func:`expired` (every later event is at that clock or past it, so such a
+    row would be cleared at its next event anyway)."""
+    out = np.empty(used.shape[0], dtype=np.int64)
+    n = 0
+    for r in range(used.shape[0]):
+        if used[r] and (
+            ps[r, S_SEEN] == 0.0 or expired(ps, r, clock[C_CLOCK], clock[C_DAYS], bounds)
+        ):
+            out[n] = r
+            n += 1
+    return out[:n]
+
+
 @njit(cache=True)
 def rebuild(
     keys: np.ndarray,
@@ -583,11 +653,20 @@ def run(
     expiry: np.ndarray,
     stream_start: float,
     cap: np.ndarray,
+    clock: np.ndarray,
+    bounds: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """Compute the stateful features of one batch, updating the state in place.
 
+    Rows and their lifetime: a row unused for its horizon (:func:`expired`, by the stream's
+    ``clock``) is cleared at its next event and reads as new, so dropping it between batches
+    changes nothing. A principal's history starts when it first gets in: until then (failed
+    logins only) its events reach neither its peer group nor session or volume state, and its
+    first success clears the row but for the failed logins before it. Those events therefore
+    write nothing another principal reads, beyond the per-address failure counts.
+
     Returns (out, keys, kinds, ta, va, size): the feature matrix (n x N_OUT) and the possibly
-    rebuilt hash table.
+    rebuilt hash table. ``clock`` is updated in place.
     """
     n = t.shape[0]
     out = np.empty((n, N_OUT), dtype=np.float64)
@@ -601,6 +680,35 @@ def run(
         p = pidx[i]
         g = peer[i]  # the row of the principal's peer group, or -1
         now = t[i]
+        if math.isnan(clock[C_CLOCK]) or now > clock[C_CLOCK]:
+            clock[C_CLOCK] = now
+        if math.floor(clock[C_CLOCK] / 86400.0) > clock[C_DAY]:
+            clock[C_DAY] = math.floor(clock[C_CLOCK] / 86400.0)
+            clock[C_DAYS] += 1.0
+        failed = action[i] == A_LOGIN_FAILED
+        if expired(ps, p, clock[C_CLOCK], clock[C_DAYS], bounds):
+            _clear(ps, highs, p)
+        elif ps[p, S_SEEN] > 0.0 and ps[p, S_PROVEN] == 0.0 and not failed:
+            # the first success: the principal's history starts now, with the failed logins
+            # that came before it
+            kept = ps[p, S_FAIL] * math.exp(-max(0.0, now - ps[p, S_LAST_T]) / params[P_TAU_FAIL])
+            _clear(ps, highs, p)
+            ps[p, S_FAIL] = kept
+        _claim(ps, p, clock)
+        if not failed:
+            ps[p, S_PROVEN] = 1.0
+        ps[p, S_LAST_SDAY] = clock[C_DAYS]
+        # a principal that never got in has no peers: guessing names cannot move a group
+        unproven = ps[p, S_PROVEN] == 0.0
+        if unproven:
+            g = -1
+        if g >= 0:
+            if expired(ps, g, clock[C_CLOCK], clock[C_DAYS], bounds):
+                _clear(ps, highs, g)
+            _claim(ps, g, clock)
+            ps[g, S_PROVEN] = 1.0
+            ps[g, S_LAST_SDAY] = clock[C_DAYS]
+        pk = int(ps[p, S_KEY])  # what the principal's pair entries are keyed by
         new_principal = ps[p, S_SEEN] == 0.0
         dt = 0.0 if new_principal else max(0.0, now - ps[p, S_LAST_T])
         ps[p, S_LAST_T] = now if new_principal else max(ps[p, S_LAST_T], now)
@@ -618,7 +726,7 @@ def run(
         fresh_addr = fresh_app = fresh_shape = fresh_any = fresh_table = False
         new_addr = 0.0
         if addr[i] != 0:
-            k = pair_key(K_ADDR_PAIR, p, addr[i])
+            k = pair_key(K_ADDR_PAIR, pk, addr[i])
             j = _find(keys, k)
             if keys[j] == EMPTY or now - ta[j] > params[P_PAIR_EXPIRY]:
                 va[j] = now  # first seen (again)
@@ -631,7 +739,7 @@ def run(
             fresh_addr = va[j] == now
         new_app = 0.0
         if app[i] != 0:
-            k = pair_key(K_APP_PAIR, p, app[i])
+            k = pair_key(K_APP_PAIR, pk, app[i])
             j = _find(keys, k)
             if keys[j] == EMPTY or now - ta[j] > params[P_PAIR_EXPIRY]:
                 va[j] = now  # first seen (again)
@@ -645,7 +753,7 @@ def run(
 
         # distinct tenants in a short window
         if tenant[i] != 0:
-            k = pair_key(K_TENANT_PAIR, p, tenant[i])
+            k = pair_key(K_TENANT_PAIR, pk, tenant[i])
             j = _find(keys, k)
             if keys[j] == EMPTY or now - ta[j] > params[P_W_TEN]:
                 ps[p, S_TEN] += 1.0
@@ -671,7 +779,7 @@ def run(
             if whole_read[i] and known_rows and r > va[j]:
                 va[j] = r
             tsize = known_size[i] if not math.isnan(known_size[i]) else va[j]
-            k = pair_key(K_TABLE_PAIR, p, table[i])
+            k = pair_key(K_TABLE_PAIR, pk, table[i])
             j = _find(keys, k)
             fresh = keys[j] == EMPTY or now - ta[j] > expiry[K_TABLE_PAIR]
             if fresh or now - ta[j] > params[P_W_TAB]:
@@ -690,7 +798,7 @@ def run(
                 ta,
                 va,
                 K_TABLE_COV,
-                p,
+                pk,
                 int(pair_key(K_TABLE_COV, addr[i], table[i])),
                 now,
                 params[P_TAU_COV],
@@ -703,7 +811,7 @@ def run(
         # repetitions of this statement shape
         repeats = 0.0
         if fp[i] != 0:
-            k = pair_key(K_FP_PAIR, p, fp[i])
+            k = pair_key(K_FP_PAIR, pk, fp[i])
             j = _find(keys, k)
             if keys[j] == EMPTY or now - ta[j] > expiry[K_FP_PAIR]:
                 prev = 0.0
@@ -726,17 +834,27 @@ def run(
         sess_rows = 0.0
         sess_tables = 0.0
         new_session = False
-        if session[i] != 0:
+        # (a failed login of a principal that never got in opened no session of it)
+        if session[i] != 0 and not unproven:
             sexp = params[P_SESSION_EXPIRY]
             tau_s = params[P_TAU_SESSION]  # sexp is 8 tau_s, the expiry _accumulate applies
-            skey = pair_key(K_SESSION, p, session[i])
+            skey = pair_key(K_SESSION, pk, session[i])
             sess_n, added, _, new_session = _accumulate(
-                keys, kinds, ta, va, K_SESSION, p, session[i], now, tau_s, 1.0 if statement else 0.0
+                keys,
+                kinds,
+                ta,
+                va,
+                K_SESSION,
+                pk,
+                session[i],
+                now,
+                tau_s,
+                1.0 if statement else 0.0,
             )
             size += added
             sens_r = r if known_rows and reading and sensitive[i] else 0.0
             sess_rows, added, _, _ = _accumulate(
-                keys, kinds, ta, va, K_SESSION_ROWS, p, session[i], now, tau_s, sens_r
+                keys, kinds, ta, va, K_SESSION_ROWS, pk, session[i], now, tau_s, sens_r
             )
             size += added
             sess_shapes, added = _distinct(
@@ -746,7 +864,7 @@ def run(
                 va,
                 K_SESSION_SHAPES,
                 K_SESSION_FP,
-                p,
+                pk,
                 session[i],
                 int(skey),
                 fp[i],
@@ -762,7 +880,7 @@ def run(
                 va,
                 K_SESSION_TABLES,
                 K_SESSION_TABLE,
-                p,
+                pk,
                 session[i],
                 int(skey),
                 table[i],
@@ -778,7 +896,7 @@ def run(
         new_shape_any = 0.0
         if fp[i] != 0 and statement and reading:
             first, added = _first_seen(
-                keys, kinds, ta, va, K_SHAPE_SEEN, p, fp[i], now, params[P_PAIR_EXPIRY]
+                keys, kinds, ta, va, K_SHAPE_SEEN, pk, fp[i], now, params[P_PAIR_EXPIRY]
             )
             size += added
             new_shape = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
@@ -794,7 +912,7 @@ def run(
         new_table = 0.0
         if table[i] != 0 and reading and sensitive[i]:
             first, added = _first_seen(
-                keys, kinds, ta, va, K_TABLE_SEEN, p, table[i], now, params[P_PAIR_EXPIRY]
+                keys, kinds, ta, va, K_TABLE_SEEN, pk, table[i], now, params[P_PAIR_EXPIRY]
             )
             size += added
             new_table = _novel(first, now, ps[p, S_FIRST_T], params[P_NOVELTY])
@@ -830,25 +948,24 @@ def run(
         # password): it is compared with the principal's earlier bursts from such addresses,
         # not counted as a guess against it
         fails_addr = 0.0
-        failed = action[i] == A_LOGIN_FAILED
         established = False
         if addr[i] != 0:
             if failed:
-                jok = _find(keys, pair_key(K_ADDR_OK, p, addr[i]))
+                jok = _find(keys, pair_key(K_ADDR_OK, pk, addr[i]))
                 established = (
                     _live(keys, ta, jok, now, params[P_PAIR_EXPIRY])
                     and now - va[jok] >= params[P_NOVELTY]
                 )
             else:  # a success from it: when the first was
                 _, added = _first_seen(
-                    keys, kinds, ta, va, K_ADDR_OK, p, addr[i], now, params[P_PAIR_EXPIRY]
+                    keys, kinds, ta, va, K_ADDR_OK, pk, addr[i], now, params[P_PAIR_EXPIRY]
                 )
                 size += added
         usual_fails = 0.0
         usual_high = UNKNOWN
         if failed and established:
             burst, added, _, _ = _accumulate(
-                keys, kinds, ta, va, K_FAIL_USUAL, p, 0, now, params[P_TAU_FAIL], 1.0
+                keys, kinds, ta, va, K_FAIL_USUAL, pk, 0, now, params[P_TAU_FAIL], 1.0
             )
             size += added
             usual_fails = math.log1p(burst)
@@ -857,7 +974,7 @@ def run(
                 kinds,
                 ta,
                 va,
-                p,
+                pk,
                 0,
                 now,
                 usual_fails,
@@ -886,15 +1003,18 @@ def run(
         ps[p, S_RATE] += 1.0
         # volumes over hours are kept per (principal, address): a dump from a stolen
         # credential's new address does not lend its volume to the application's own servers
+        # (a principal that never got in read nothing: its volumes are 0 and keep no entry)
         sens_add = r if known_rows and reading and sensitive[i] else 0.0
-        sens1h = _accumulate(
-            keys, kinds, ta, va, K_ADDR_SENS1H, p, addr[i], now, params[P_TAU_1H], sens_add
-        )
-        size += sens1h[1]
-        sens24h = _accumulate(
-            keys, kinds, ta, va, K_ADDR_SENS24H, p, addr[i], now, params[P_TAU_24H], sens_add
-        )
-        size += sens24h[1]
+        sens1h = (0.0, 0, True, True)
+        sens24h = (0.0, 0, True, True)
+        if not unproven:
+            sens1h = _accumulate(
+                keys, kinds, ta, va, K_ADDR_SENS1H, pk, addr[i], now, params[P_TAU_1H], sens_add
+            )
+            sens24h = _accumulate(
+                keys, kinds, ta, va, K_ADDR_SENS24H, pk, addr[i], now, params[P_TAU_24H], sens_add
+            )
+        size += sens1h[1] + sens24h[1]
         # and a volume that has stopped growing is no evidence against this event
         rising[Q_SENS1H] = sens1h[2]
         rising[Q_SENS24H] = sens24h[2]
@@ -991,9 +1111,11 @@ def run(
         vals[Q_OFF_ROWS] = math.log1p(sess_rows) if rare_hour else 0.0
         # many runs of shapes the principal never ran before: a scraper with a session per
         # page, each page a new shape's run (an analyst's new queries are a few an hour)
-        runs = _accumulate(
-            keys, kinds, ta, va, K_ADDR_NEW_RUNS, p, addr[i], now, params[P_TAU_1H], new_shape
-        )
+        runs = (0.0, 0, True, True)
+        if not unproven:
+            runs = _accumulate(
+                keys, kinds, ta, va, K_ADDR_NEW_RUNS, pk, addr[i], now, params[P_TAU_1H], new_shape
+            )
         size += runs[1]
         vals[Q_NEW_RUNS] = math.log1p(runs[0])
         rising[Q_NEW_RUNS] = runs[2]
@@ -1109,7 +1231,7 @@ def run(
                     kinds,
                     ta,
                     va,
-                    row,
+                    int(ps[row, S_KEY]),
                     table[i],
                     now,
                     vals[Q_COV],

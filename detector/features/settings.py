@@ -1,6 +1,7 @@
 """Settings of the feature engine: which tables are sensitive, which columns name a tenant,
-and the time horizons of the per-principal state. Part of the feature spec hash: changing any
-of these makes older models refuse to load against this engine."""
+and the time horizons of the per-principal state (FeatureSettings: part of the feature spec
+hash, so changing any of these makes older models refuse to load against this engine); and
+how much state it keeps whatever the input (StateBounds: not part of it)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,33 @@ class FeatureSettings(BaseModel):
 
     def _patterns(self) -> tuple[tuple[str, ...], ...]:
         return tuple(tuple(p.lower() for p in self.table_classes[c]) for c in self.class_names())
+
+
+class StateBounds(BaseModel):
+    """How much per-principal state the engine keeps, whatever the input. Not part of the
+    feature spec: a bound decides what is kept of names that never got in and of rows unused
+    past their horizon (which read as new then), never what a feature means."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_unproven: int = Field(
+        10_000,
+        ge=0,
+        description="Names never seen to get in (failed logins only) that hold a state row "
+        "of their own; the failed logins of further new names share one row.",
+    )
+    unproven_idle_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="A name that never got in and has been quiet this long reads as new; its "
+        "row is dropped.",
+    )
+    idle_days: int = Field(
+        180,
+        ge=1,
+        description="A principal (or peer group) unseen for this many days of the stream "
+        "(days with events; gaps do not count) reads as new; its row is dropped.",
+    )
 
 
 _NUMBERED: Final = re.compile(r"^(.*?[A-Za-z].*?)[_\-.]?[0-9]+$")

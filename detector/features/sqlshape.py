@@ -1,9 +1,11 @@
 """Statement shape from a real SQL parse, cached by fingerprint.
 
 A fingerprint is the statement with its literals replaced, so ``... WHERE id = 7`` and
-``... WHERE id = 9`` share one. Each distinct fingerprint is parsed once (sqlglot) and its
-shape kept in a bounded cache; a batch pays one vectorised normalisation per row and one parse
-per shape it has not seen before.
+``... WHERE id = 9`` share one. Statements are read through the dialect's tokenizer
+(:mod:`detector.sqltext`), the reader redaction uses too, and only their first
+``max_statement_chars`` characters are read. Each distinct fingerprint is parsed once (sqlglot)
+and its shape kept in a bounded cache; a batch pays one vectorised row key per row, one
+tokenizer pass per row key it has not seen before, and one parse per new shape.
 """
 
 from __future__ import annotations
@@ -19,15 +21,8 @@ import sqlglot
 from sqlglot import exp
 
 from detector.features.settings import FeatureSettings
+from detector.sqltext import ANALYSED_CHARS, DIALECTS, fingerprint_text, row_key_expr
 
-#: Row-level normalisation: quoted strings and numbers (not inside identifiers) become ``?``.
-_ROW_NORMALISE: Final = r"'(?:[^']|'')*'|\b[0-9]+(?:\.[0-9]+)?\b"
-# Shape-level normalisation, applied once per distinct row fingerprint.
-_IN_LIST: Final = re.compile(r"\(\s*\?(?:\s*,\s*\?)*\s*\)")
-_VALUES_LIST: Final = re.compile(
-    r"(\(\s*\?(?:\s*,\s*\?)*\s*\))(?:\s*,\s*\(\s*\?(?:\s*,\s*\?)*\s*\))+"
-)
-_SPACE: Final = re.compile(r"\s+")
 _COPY_TO: Final = re.compile(r"^\s*copy\b.*\bto\b", re.IGNORECASE | re.DOTALL)
 _OFFSET: Final = re.compile(r"\boffset\b", re.IGNORECASE)
 
@@ -67,8 +62,6 @@ class Shape:
 SHAPE_COLUMNS: Final = tuple(f.name for f in fields(Shape))
 
 
-#: SQL dialects statements are read in, by the canonical ``db_system`` (default: postgres).
-DIALECTS: Final = ("postgres", "mysql")
 _DIALECT_OF_SYSTEM: Final = {"mariadb": 1, "mysql": 1}
 #: Mixed into the row key of statements read as MySQL, so each dialect has its own shapes.
 _DIALECT_SALT: Final = 0x5BD1E9955BD1E995
@@ -85,22 +78,25 @@ def dialect_expr(column: str = "db_system") -> pl.Expr:
     )
 
 
-def row_fingerprint_expr(column: str = "statement_text", dialect: pl.Expr | None = None) -> pl.Expr:
-    """Vectorised per-row key: hash of the text with literals replaced, salted by dialect
-    (null text -> null)."""
+def row_fingerprint_expr(
+    column: str = "statement_text", dialect: pl.Expr | None = None, limit: int | None = None
+) -> pl.Expr:
+    """Vectorised per-row key (:func:`detector.sqltext.row_key_expr`) of the first ``limit``
+    characters of the text, salted by dialect (null text -> null); rows with one key share one
+    fingerprint."""
     text = pl.col(column)
-    h = text.str.replace_all(_ROW_NORMALISE, "?").hash(seed=0)
+    if limit is not None:
+        text = text.str.slice(0, limit)
+    h = row_key_expr(text, True if dialect is None else dialect == 0)
     if dialect is not None:
         h = pl.when(dialect == 0).then(h).otherwise(h.xor(pl.lit(_DIALECT_SALT, pl.UInt64)))
-    return pl.when(text.is_not_null()).then(h)
+    return pl.when(pl.col(column).is_not_null()).then(h)
 
 
-def normalise(text: str) -> str:
-    """The canonical fingerprint text of one statement (literals out, lists collapsed)."""
-    text = re.sub(_ROW_NORMALISE, "?", text)
-    text = _VALUES_LIST.sub(r"\1", text)
-    text = _IN_LIST.sub("(?)", text)
-    return _SPACE.sub(" ", text).strip().rstrip(";").lower()
+def normalise(text: str, dialect: str = "postgres") -> str:
+    """The canonical fingerprint text of one statement (literals and comments out, lists
+    collapsed, lower case)."""
+    return fingerprint_text(text, dialect)
 
 
 def stable_hash(text: str) -> int:
@@ -112,8 +108,15 @@ def stable_hash(text: str) -> int:
 class ShapeCache:
     """Parses each distinct fingerprint once; bounded LRU keyed by the row-level hash."""
 
-    def __init__(self, settings: FeatureSettings, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        settings: FeatureSettings,
+        max_entries: int = 100_000,
+        *,
+        max_chars: int = ANALYSED_CHARS,
+    ) -> None:
         self.settings = settings
+        self.max_chars = max_chars
         self.max_entries = max_entries
         self._by_row_hash: OrderedDict[int, Shape] = OrderedDict()
         self._by_fingerprint: dict[int, Shape] = {}
@@ -147,7 +150,7 @@ class ShapeCache:
         )
 
     def _shape_of(self, text: str, dialect: str = "postgres") -> Shape:
-        norm = normalise(text)
+        norm = normalise(text[: self.max_chars], dialect)
         fp = stable_hash(norm if dialect == "postgres" else f"{dialect}:{norm}")
         cached = self._by_fingerprint.get(fp)
         if cached is not None:
@@ -181,10 +184,11 @@ def analyse(
 ) -> Shape:
     """Shape of one normalised statement, read in ``dialect``. Never raises: unparsable text
     gets a text-only shape."""
-    try:
-        tree = sqlglot.parse_one(norm.replace("?", "0"), read=dialect)
-    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, ValueError, RecursionError):
-        tree = None
+    tree = _parse(norm, dialect)
+    if tree is None and norm.endswith(" ?"):
+        # the text ended in what could not be read (a statement cut inside a comment, say):
+        # the statement up to there still says what it read
+        tree = _parse(norm[:-2], dialect)
     if tree is None:
         copy_to = bool(_COPY_TO.match(norm))
         return Shape(
@@ -221,6 +225,13 @@ def analyse(
         aggregate=select is not None and any(e.find(exp.AggFunc) for e in select.expressions),
         group_by_tenant=group is not None and _mentions_tenant(group, keys, tenant_table),
     )
+
+
+def _parse(norm: str, dialect: str) -> exp.Expr | None:
+    try:
+        return sqlglot.parse_one(norm.replace("?", "0"), read=dialect)
+    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, ValueError, RecursionError):
+        return None
 
 
 def _kind(tree: exp.Expr) -> str:

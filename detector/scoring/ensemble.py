@@ -38,7 +38,7 @@ from typing import Final
 import numpy as np
 
 from detector.errors import ModelError
-from detector.scoring.forest import ARRAYS, Forest, fit_forest, pad_quiet_dimensions
+from detector.scoring.forest import ARRAYS, Forest, fit_forest, pad_quiet_dimensions, read_arrays
 
 #: Evidence groups over the model features (names as in detector.features.MODEL_FEATURES).
 GROUPS: Final[dict[str, tuple[str, ...]]] = {
@@ -188,56 +188,109 @@ class Ensemble:
             np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, path: Path) -> Ensemble:
+    def load(cls, path: Path, data: bytes | None = None) -> Ensemble:
+        """The ensemble saved at ``path`` (or in ``data``, its content already read and
+        checked), refused with a ModelError when any array is out of range."""
+        z = read_arrays(path, data)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                names = tuple(str(n) for n in z["names"])
-                n_features = int(z["n_features"])
-                columns, forests, quantiles, tops = [], [], [], []
-                for g in range(len(names)):
-                    depth, denominator, nf = z[f"g{g}_meta"]
-                    forest = Forest(
-                        **{name: np.ascontiguousarray(z[f"g{g}_{name}"]) for name in ARRAYS},
-                        depth=int(depth),
-                        denominator=float(denominator),
-                        n_features=int(nf),
-                    )
-                    forest.check()
-                    cols = np.ascontiguousarray(z[f"g{g}_columns"], dtype=np.int64)
-                    if cols.size != forest.n_features or cols.min() < 0 or cols.max() >= n_features:
-                        raise ValueError(f"group {names[g]} columns out of range")
-                    columns.append(cols)
-                    forests.append(forest)
-                    quantiles.append(np.asarray(z[f"g{g}_quantiles"], dtype=np.float64))
-                    tops.append(np.asarray(z[f"g{g}_top"], dtype=np.float64))
-                ensemble = cls(
-                    names,
-                    tuple(columns),
-                    tuple(forests),
-                    tuple(quantiles),
-                    tuple(tops),
-                    int(z["rows"]),
-                    np.asarray(z["marginal_quantiles"], dtype=np.float64),
-                    np.asarray(z["marginal_tops"], dtype=np.float64),
-                    np.asarray(z["full"], dtype=np.float64),
-                    np.asarray(z["tail"], dtype=np.float64),
-                    n_features,
-                    np.asarray(z["score_tails"], dtype=np.float64),
+            names = tuple(str(n) for n in z["names"])
+            n_features = int(z["n_features"])
+            columns, forests, quantiles, tops = [], [], [], []
+            for g in range(len(names)):
+                depth, denominator, nf = z[f"g{g}_meta"]
+                forest = Forest(
+                    **{name: z[f"g{g}_{name}"] for name in ARRAYS},
+                    depth=int(depth),
+                    denominator=float(denominator),
+                    n_features=int(nf),
                 )
-        except (OSError, ValueError, KeyError) as exc:
+                problem = forest.problem()
+                if problem is not None:
+                    raise ModelError(
+                        f"model {path} is inconsistent (corrupt or tampered artefact): "
+                        f"group {names[g]}'s forest: {problem}"
+                    )
+                cols = z[f"g{g}_columns"]
+                if cols.dtype.kind not in "iu":
+                    raise ValueError(f"group {names[g]} columns are not integers")
+                columns.append(np.ascontiguousarray(cols, dtype=np.int64))
+                forests.append(forest)
+                quantiles.append(np.asarray(z[f"g{g}_quantiles"], dtype=np.float64))
+                tops.append(np.asarray(z[f"g{g}_top"], dtype=np.float64))
+            ensemble = cls(
+                names,
+                tuple(columns),
+                tuple(forests),
+                tuple(quantiles),
+                tuple(tops),
+                int(z["rows"]),
+                np.asarray(z["marginal_quantiles"], dtype=np.float64),
+                np.asarray(z["marginal_tops"], dtype=np.float64),
+                np.asarray(z["full"], dtype=np.float64),
+                np.asarray(z["tail"], dtype=np.float64),
+                n_features,
+                np.asarray(z["score_tails"], dtype=np.float64),
+            )
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise ModelError(f"cannot read model {path}: {exc}") from exc
-        if (
-            ensemble.tail.shape != (n_features, 3)
-            or not np.all(ensemble.tail[:, 1:] > 0)
-            or ensemble.score_tails.shape != (len(ensemble.names), 3)
-            or not np.all(ensemble.score_tails[:, 1:] > 0)
-            or ensemble.full.shape != (n_features,)
-            or not np.all(ensemble.full > 0)
-            or ensemble.marginal_quantiles.shape[0] != n_features
-            or ensemble.marginal_tops.shape[0] != n_features
-        ):
-            raise ModelError(f"model {path} is inconsistent (corrupt or tampered artefact)")
+        problem = ensemble.problem()
+        if problem is not None:
+            raise ModelError(
+                f"model {path} is inconsistent (corrupt or tampered artefact): {problem}"
+            )
         return ensemble
+
+    def problem(self) -> str | None:
+        """The first value out of range, or None (each forest is checked on its own by
+        :meth:`Forest.check`).
+
+        What holds for every ensemble :func:`fit_ensemble` makes: unique group names, each
+        group's columns distinct and together every feature once, each forest over as many
+        columns as its group names; sorted, finite training distributions (forest scores in
+        (0, 1]) with no more top values than training rows; positive full strengths; tails
+        with a positive scale and a share in (0, 1]; and every split threshold within its
+        feature's training range (a split beyond it isolates nothing).
+        """
+        f, groups = self.n_features, len(self.names)
+        if not (0 < groups == len(set(self.names)) and f > 0 and self.rows > 0):
+            return "group names must be unique and features and rows positive"
+        every = np.concatenate(self.columns) if self.columns else np.zeros(0, dtype=np.int64)
+        if every.size != f or not np.array_equal(np.sort(every), np.arange(f)):
+            return f"the groups' columns do not cover each of the {f} features once"
+        for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
+            if cols.ndim != 1 or cols.size != forest.n_features:
+                return (
+                    f"group {self.names[g]} has {cols.size} columns, its forest {forest.n_features}"
+                )
+            if not (_sorted(self.quantiles[g], 2) and _sorted(self.tops[g], 1)):
+                return f"group {self.names[g]}'s training scores are not sorted finite values"
+            scores = np.concatenate([self.quantiles[g], self.tops[g]])
+            if np.any(scores <= 0) or np.any(scores > 1) or self.tops[g].size > self.rows:
+                return f"group {self.names[g]}'s training scores lie outside (0, 1]"
+        marginal = (self.marginal_quantiles, self.marginal_tops)
+        if any(a.ndim != 2 or a.shape[0] != f or not _sorted(a, 1) for a in marginal):
+            return "per-feature training values are not sorted finite rows, one per feature"
+        if self.marginal_quantiles.shape[1] < 2 or self.marginal_tops.shape[1] > self.rows:
+            return "per-feature training distributions are of the wrong size"
+        if self.full.shape != (f,) or not np.all(np.isfinite(self.full) & (self.full > 0)):
+            return "full strengths must be positive and finite, one per feature"
+        for name, tail, n in (("feature", self.tail, f), ("score", self.score_tails, groups)):
+            if tail.shape != (n, 3) or not np.all(np.isfinite(tail)):
+                return f"{name} tails must be finite, three values per {name}"
+            if not (np.all(tail[:, 1] > 0) and np.all((tail[:, 2] > 0) & (tail[:, 2] <= 1))):
+                return f"{name} tails need a positive scale and a share in (0, 1]"
+        low, high = (
+            self.marginal_quantiles[:, 0],
+            np.maximum(self.marginal_quantiles[:, -1], self.full),
+        )
+        for g, (cols, forest) in enumerate(zip(self.columns, self.forests, strict=True)):
+            inner = forest.child != np.arange(forest.child.size)
+            at = cols[forest.feature[inner]]
+            t = forest.threshold[inner]
+            slack = 1e-6 * (1.0 + np.abs(t))
+            if np.any(t < low[at] - slack) or np.any(t > high[at] + slack):
+                return f"group {self.names[g]} splits outside its features' training range"
+        return None
 
     @property
     def n_trees(self) -> int:
@@ -255,6 +308,16 @@ def combine(surprises: np.ndarray) -> np.ndarray:
     strongest = surprises.max(axis=1)
     extra = np.maximum(0.0, surprises - NOISE).sum(axis=1) - np.maximum(0.0, strongest - NOISE)
     return np.asarray(strongest + extra)
+
+
+def _sorted(a: np.ndarray, least: int) -> bool:
+    """Finite and ascending along its last axis, with at least ``least`` values."""
+    return bool(
+        a.ndim >= 1
+        and a.shape[-1] >= least
+        and np.all(np.isfinite(a))
+        and np.all(np.diff(a, axis=-1) >= 0)
+    )
 
 
 def _count_at_least(

@@ -12,7 +12,10 @@ Score direction is converted here, once: ``anomaly_score`` is higher = more anom
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -27,6 +30,15 @@ from sklearn.ensemble import IsolationForest
 from detector.errors import ModelError
 
 ARRAYS: Final = ("roots", "child", "feature", "threshold", "value")
+#: Bounds a loaded forest must keep: trees per forest (what ``exfilwatch train`` offers), the
+#: walk's depth and nodes in all (the compiled scorer indexes nodes with 32 bits).
+MAX_TREES: Final = 2000
+MAX_DEPTH: Final = 64
+MAX_NODES: Final = 2**31 - 2
+#: The most a model file may hold once decompressed (the bundled one holds under 2 MiB).
+MAX_ARRAY_BYTES: Final = 1 << 30
+_KINDS: Final = {"iu": "integer", "f": "float"}
+_FLOAT32_MAX: Final = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -85,38 +97,93 @@ class Forest:
 
     @classmethod
     def load(cls, path: Path) -> Forest:
+        z = read_arrays(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {name: np.ascontiguousarray(z[name]) for name in ARRAYS}
-                denominator = float(z["denominator"])
-                n_features = int(z["n_features"])
-                depth = int(z["depth"])
-        except (OSError, ValueError, KeyError) as exc:
+            arrays = {name: z[name] for name in ARRAYS}
+            denominator = float(z["denominator"])
+            n_features = int(z["n_features"])
+            depth = int(z["depth"])
+        except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"cannot read forest {path}: {exc}") from exc
         forest = cls(**arrays, depth=depth, denominator=denominator, n_features=n_features)
         forest.check()
         return forest
 
     def check(self) -> None:
-        """Refuse arrays that would send the scorer out of bounds."""
+        """Refuse arrays the scorer cannot walk safely, or trees that cannot isolate anything:
+        ModelError naming the first problem."""
+        problem = self.problem()
+        if problem is not None:
+            raise ModelError(
+                f"forest arrays are inconsistent (corrupt or tampered artefact): {problem}"
+            )
+
+    def problem(self) -> str | None:
+        """The first inconsistency of the arrays, or None.
+
+        What holds for every forest :func:`flatten` makes: integer node arrays of one length,
+        trees stored one after the other from node 0, each internal node's children adjacent
+        (left, left + 1) after it in its own tree and every other node the child of exactly
+        one (so the trees are trees: no cycle, no shared or unreachable node), every leaf
+        within ``depth`` steps of its root, split features among the ``n_features`` columns,
+        finite split thresholds, +inf at leaves, a leaf's value between its depth and its
+        depth plus c(max_samples), and at least one split.
+        """
+        for name, kind in zip(ARRAYS, ("iu", "iu", "iu", "f", "f"), strict=True):
+            a = getattr(self, name)
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in kind:
+                return f"{name} is not a one-dimensional {_KINDS[kind]} array"
         n = self.child.shape[0]
-        same = all(getattr(self, a).shape == (n,) for a in ARRAYS[1:])
-        node = np.arange(n)
-        leaf = self.child == node
-        ok = (
-            same
-            and n > 0
-            and self.roots.ndim == 1
-            and self.roots.size > 0
-            and bool(np.all((self.roots >= 0) & (self.roots < n)))
-            and bool(np.all((self.child[~leaf] > node[~leaf]) & (self.child[~leaf] + 1 < n)))
-            and bool(np.all((self.feature >= 0) & (self.feature < self.n_features)))
-            and bool(np.all(np.isposinf(self.threshold[leaf])))
-            and 0 < self.depth <= 64
-            and self.denominator > 0
-        )
-        if not ok:
-            raise ModelError("forest arrays are inconsistent (corrupt or tampered artefact)")
+        if n == 0 or any(getattr(self, a).shape != (n,) for a in ARRAYS[2:]):
+            return "node arrays are empty or of different lengths"
+        if n > MAX_NODES:
+            return f"{n} nodes, more than {MAX_NODES}"
+        if not 0 < self.roots.size <= MAX_TREES:
+            return f"{self.roots.size} trees; a forest has 1 to {MAX_TREES}"
+        if not (self.n_features > 0 and 0 < self.depth <= MAX_DEPTH):
+            return f"n_features {self.n_features} or depth {self.depth} out of range"
+        if not (np.isfinite(self.denominator) and self.denominator > 0):
+            return f"denominator {self.denominator} is not a positive number"
+        roots = self.roots.astype(np.int64)
+        if roots[0] != 0 or np.any(np.diff(roots) <= 0) or roots[-1] >= n:
+            return "tree roots must start at node 0 and increase within the node arrays"
+        node = np.arange(n, dtype=np.int64)
+        child = self.child.astype(np.int64)
+        end = np.append(roots[1:], n)[np.searchsorted(roots, node, side="right") - 1]
+        leaf = child == node
+        inner = ~leaf
+        if np.any(inner & ~((child > node) & (child + 1 < end))):
+            return "a child index points outside its tree or back to an earlier node"
+        parents = np.bincount(np.concatenate([child[inner], child[inner] + 1]), minlength=n)
+        expected = np.ones(n, dtype=np.int64)
+        expected[roots] = 0  # a root has no parent; every other node has exactly one
+        if np.any(parents != expected):
+            return "a node is shared by two parents, or reached by none"
+        if not inner.any():
+            return "no tree splits: every row would score the same"
+        level, depths = roots, np.zeros(n, dtype=np.int64)
+        for steps in range(self.depth + 1):
+            depths[level] = steps
+            split = level[inner[level]]
+            level = np.concatenate([child[split], child[split] + 1])
+        if level.size:
+            return f"a leaf lies deeper than the scorer's walk of {self.depth} steps"
+        feature = self.feature.astype(np.int64)
+        if np.any((feature < 0) | (feature >= self.n_features)):
+            return f"a split feature lies outside the {self.n_features} columns"
+        split_at = np.abs(self.threshold[inner])
+        if not (np.all(np.isposinf(self.threshold[leaf])) and np.all(split_at <= _FLOAT32_MAX)):
+            return "a split threshold is not a finite float32 value (or a leaf's is not +inf)"
+        c_max = self.denominator / self.roots.size
+        value, at = self.value[leaf], depths[leaf]
+        slack = 1e-9 * (1.0 + c_max + at)
+        if not (
+            np.all(np.isfinite(self.value))
+            and np.all(value >= at - slack)
+            and np.all(value <= at + c_max + slack)
+        ):
+            return "a leaf's path length is not between its depth and its depth + c(max_samples)"
+        return None
 
     @cached_property
     def _compact(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,6 +201,22 @@ class Forest:
     @property
     def n_trees(self) -> int:
         return int(self.roots.shape[0])
+
+
+def read_arrays(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path`` (or in ``data``, its content already read),
+    never unpickling anything and refusing more than MAX_ARRAY_BYTES once decompressed."""
+    try:
+        source = io.BytesIO(data) if data is not None else path.open("rb")
+        with source as fh, np.load(fh, allow_pickle=False) as z:
+            size = sum(info.file_size for info in z.zip.infolist())
+            if size > MAX_ARRAY_BYTES:
+                raise ModelError(
+                    f"{path} holds {size:,} bytes of arrays, more than {MAX_ARRAY_BYTES:,}"
+                )
+            return {name: z[name] for name in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ModelError(f"cannot read model arrays {path}: {exc}") from exc
 
 
 def fit_forest(

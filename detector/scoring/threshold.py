@@ -15,10 +15,11 @@ large volume).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import polars as pl
@@ -35,6 +36,56 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Calibration:
+        """The calibration stored in a model's metadata, refused (ValueError naming the field)
+        unless it is one :func:`calibrate_regimes` can make: a positive, finite threshold;
+        bands low <= medium <= high, finite and starting at the threshold; each regime's own
+        threshold at most the one that holds; a non-negative budget, a positive calibration
+        span and a whole number of incidents."""
+        if not isinstance(data, dict):
+            raise ValueError("threshold is not a table")
+        value = _number(data, "value")
+        if value <= 0:
+            raise ValueError(f"threshold.value is {value}: it must be positive")
+        budget, days = _number(data, "budget_per_day"), _number(data, "heldback_days")
+        if budget < 0 or days <= 0:
+            raise ValueError("threshold.budget_per_day must be >= 0 and heldback_days > 0")
+        incidents = data.get("heldback_incidents")
+        if not isinstance(incidents, int) or isinstance(incidents, bool) or incidents < 0:
+            raise ValueError(f"threshold.heldback_incidents is {incidents!r}, not a count")
+        bands = data.get("bands")
+        if not isinstance(bands, dict) or set(bands) != set(BANDS):
+            raise ValueError(f"threshold.bands must name exactly {', '.join(BANDS)}")
+        levels = [_number(bands, name, "threshold.bands") for name in BANDS]
+        if levels[0] < value or levels != sorted(levels):
+            raise ValueError(
+                f"threshold.bands {dict(zip(BANDS, levels, strict=True))} must ascend from "
+                f"the threshold {value}"
+            )
+        regimes = data.get("regimes", {})
+        if not isinstance(regimes, dict):
+            raise ValueError("threshold.regimes is not a table")
+        per_regime = {str(k): _number(regimes, k, "threshold.regimes") for k in regimes}
+        if any(not 0 <= t <= value for t in per_regime.values()):
+            raise ValueError(f"threshold.regimes {per_regime} must lie in [0, {value}]")
+        return cls(
+            value, budget, days, incidents, dict(zip(BANDS, levels, strict=True)), per_regime
+        )
+
+
+#: Severity band names, lowest first.
+BANDS: Final = ("low", "medium", "high")
+#: The lowest threshold calibration sets (surprise: one row in a hundred).
+FLOOR: Final = 2.0
+
+
+def _number(table: dict[str, Any], key: str, where: str = "threshold") -> float:
+    value = table.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{where}.{key} is {value!r}, not a finite number")
+    return float(value)
 
 
 def calibrate(
@@ -116,7 +167,7 @@ def calibrate_regimes(
     *,
     regimes: dict[str, float],
     budget_per_day: float,
-    floor: float = 2.0,
+    floor: float = FLOOR,
 ) -> Calibration:
     """The lowest threshold at which all calibration days together, and every regime with
     enough calibration time of its own, stay within the budget; ``incidents_at(rows, t)``

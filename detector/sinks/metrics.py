@@ -49,6 +49,12 @@ class Metrics:
             "at that time instead, since the feature state was last started.",
             registry=r,
         )
+        self.statements_cut = Counter(
+            "exfilwatch_statements_cut",
+            "Scored statements longer than the analysed length: their shape is that of their "
+            "first part.",
+            registry=r,
+        )
         self.anomalies = Counter(
             "exfilwatch_anomalous_events",
             "Scored events at or above the model threshold.",
@@ -135,6 +141,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.model_promotions = Counter(
+            "exfilwatch_model_promotions",
+            "Promotions seen: the served model's alias moved to another version (by the API, "
+            "the command line or an edit of the alias file).",
+            registry=r,
+        )
+        self.model_loads_refused = Counter(
+            "exfilwatch_model_loads_refused",
+            "Model versions refused at load, by reason (checksum, unsigned, signature, invalid).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("checksum", "unsigned", "signature", "invalid"):
+            self.model_loads_refused.labels(reason)  # every reason exported from the start
         self.source_up = Gauge(
             "exfilwatch_source_up",
             "1 while a source can be read (a JetStream source's server and stream reachable).",

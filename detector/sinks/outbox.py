@@ -185,9 +185,7 @@ class OutboxWorker:
         """Start delivering in a daemon thread."""
         if self._thread is not None:
             raise RuntimeError(f"outbox worker {self.sink!r} already started")
-        self._thread = threading.Thread(
-            target=self._loop, name=f"outbox-{self.sink}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, name=f"outbox-{self.sink}", daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
@@ -294,8 +292,13 @@ class OutboxWorker:
         if claimed != 1:
             return None  # another worker has it, or it was delivered meanwhile
         alert = Alert(
-            id=row.id, sink=row.sink, kind=row.kind, incident_id=row.incident_id,
-            payload=row.payload, attempts=row.attempts, created_at=as_utc(row.created_at),
+            id=row.id,
+            sink=row.sink,
+            kind=row.kind,
+            incident_id=row.incident_id,
+            payload=row.payload,
+            attempts=row.attempts,
+            created_at=as_utc(row.created_at),
         )
         with self._commit:
             self._inflight = (row.id, lease_until)
@@ -318,11 +321,21 @@ class OutboxWorker:
                 conn.execute(
                     outbox.update()
                     .where(*self._row(alert.id), outbox.c.delivered_at.is_(None))
-                    .values(delivered_at=now, attempts=outbox.c.attempts + 1,
-                            last_status=result.status, last_error=None)
+                    .values(
+                        delivered_at=now,
+                        attempts=outbox.c.attempts + 1,
+                        last_status=result.status,
+                        last_error=None,
+                    )
                 )
-                log.info("alert_delivered", sink=self.sink, alert_id=alert.id,
-                         kind=alert.kind, attempts=alert.attempts + 1, status=result.status)
+                log.info(
+                    "alert_delivered",
+                    sink=self.sink,
+                    alert_id=alert.id,
+                    kind=alert.kind,
+                    attempts=alert.attempts + 1,
+                    status=result.status,
+                )
                 return
             delay = self.backoff.delay(alert.attempts, self.rng, result.retry_after)
             due = now + timedelta(seconds=delay)
@@ -330,14 +343,25 @@ class OutboxWorker:
                 outbox.update()
                 .where(*self._row(alert.id), outbox.c.delivered_at.is_(None))
                 .where(outbox.c.next_attempt_at == lease_until)
-                .values(next_attempt_at=due, attempts=outbox.c.attempts + 1,
-                        last_status=result.status, last_error=result.error)
+                .values(
+                    next_attempt_at=due,
+                    attempts=outbox.c.attempts + 1,
+                    last_status=result.status,
+                    last_error=result.error,
+                )
             )
         if result.pauses_sink:
             self._hold_until = due
-        log.warning("alert_delivery_failed", sink=self.sink, alert_id=alert.id,
-                    outcome=result.outcome, status=result.status, error=result.error,
-                    attempts=alert.attempts + 1, retry_in_seconds=round(delay, 3))
+        log.warning(
+            "alert_delivery_failed",
+            sink=self.sink,
+            alert_id=alert.id,
+            outcome=result.outcome,
+            status=result.status,
+            error=result.error,
+            attempts=alert.attempts + 1,
+            retry_in_seconds=round(delay, 3),
+        )
 
     def _row(self, alert_id: str) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
         return outbox.c.id == alert_id, outbox.c.sink == self.sink
@@ -371,3 +395,23 @@ class OutboxWorker:
         target = max(next_due, self._hold_until) if self._hold_until is not None else next_due
         return min(max((target - now).total_seconds(), 0.01), self.poll_interval)
 
+
+def prune_delivered(conn: sa.Connection, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` outbox rows delivered before ``before``, the longest delivered
+    first; returns how many went. A row not delivered yet is never deleted, however old."""
+    done = outbox.c.delivered_at.is_not(None) & (outbox.c.delivered_at < before)
+    rows = conn.execute(
+        sa.select(outbox.c.id, outbox.c.sink)
+        .where(done)
+        .order_by(outbox.c.delivered_at, outbox.c.id)
+        .limit(limit)
+    ).all()
+    if not rows:
+        return 0
+    conn.execute(
+        outbox.delete().where(
+            outbox.c.id == sa.bindparam("_id"), outbox.c.sink == sa.bindparam("_sink"), done
+        ),
+        [{"_id": row.id, "_sink": row.sink} for row in rows],
+    )
+    return len(rows)

@@ -14,13 +14,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 
 from detector.schema import SEVERITY_RANK
 from detector.sinks import tables as t
-from detector.sinks.outbox import Clock, utc_now
+from detector.sinks.outbox import Clock, prune_delivered, utc_now
 
 
 def _ts(value: Any) -> datetime:
@@ -91,26 +91,50 @@ class Tx:
     # ----------------------------------------------------------------- incidents
     def active_incidents(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The most recent not-resolved incident per group key (its document, with status)."""
-        if not keys:
-            return {}
         c = t.incidents.c
-        newest = (
-            sa.select(
-                c.doc,
-                c.status,
-                c.group_key,
-                sa.func.row_number()
-                .over(partition_by=c.group_key, order_by=(c.last_seen.desc(), c.id.desc()))
-                .label("rank"),
+        out: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(keys):
+            newest = (
+                sa.select(
+                    c.doc,
+                    c.status,
+                    c.group_key,
+                    sa.func.row_number()
+                    .over(partition_by=c.group_key, order_by=(c.last_seen.desc(), c.id.desc()))
+                    .label("rank"),
+                )
+                .where(c.group_key.in_(chunk))
+                .where(c.status != "resolved")
+                .subquery()
             )
-            .where(c.group_key.in_(list(keys)))
-            .where(c.status != "resolved")
-            .subquery()
+            rows = self._conn.execute(
+                sa.select(newest.c.doc, newest.c.status, newest.c.group_key).where(
+                    newest.c.rank == 1
+                )
+            ).all()
+            out.update({key: {**doc, "status": status} for doc, status, key in rows})
+        return out
+
+    def incidents_of(self, principals: Sequence[str], since: datetime) -> list[dict[str, Any]]:
+        """The not-resolved incidents of ``principals`` whose last event is at ``since`` or
+        later that a spray can grow from: their activity at each place, their sprays, and
+        failed logins from one address for that principal alone (documents, with status)."""
+        c = t.incidents.c
+        lone = sa.and_(
+            c.group_key.startswith("address:"), c.doc["principals_count"].as_integer() == 1
         )
-        rows = self._conn.execute(
-            sa.select(newest.c.doc, newest.c.status, newest.c.group_key).where(newest.c.rank == 1)
-        ).all()
-        return {key: {**doc, "status": status} for doc, status, key in rows}
+        out: list[dict[str, Any]] = []
+        for chunk in _chunks(principals):
+            rows = self._conn.execute(
+                sa.select(c.doc, c.status)
+                .where(c.principal.in_(chunk))
+                .where(c.status != "resolved")
+                .where(c.last_seen >= since)
+                .where(sa.or_(c.group_key.startswith("principal:"), lone))
+                .order_by(c.last_seen, c.id)
+            ).all()
+            out += [{**doc, "status": status} for doc, status in rows]
+        return out
 
     def save_incidents(self, docs: Sequence[dict[str, Any]], *, new: bool) -> None:
         """Insert (``new``) or update incidents: one statement for all of them."""
@@ -253,7 +277,7 @@ class Tx:
         for kind, doc, detail in alerts:
             aid = alert_id(doc["id"], kind, detail)
             ids.append(aid)
-            payload = {"type": kind, "timestamp": self.now.isoformat(), "data": doc}
+            payload = {"type": kind, "timestamp": self.now.isoformat(), "data": _shown(doc)}
             rank = SEVERITY_RANK[doc["severity"]]
             rows += [
                 {
@@ -372,6 +396,34 @@ class Store:
             conn.execute(t.batches.delete().where(t.batches.c.seq <= snap.seq))
         return [p for p in old if p != snap.path]
 
+    def prune(
+        self,
+        *,
+        delivered_before: datetime | None,
+        closed_before: datetime | None,
+        chunk: int = 1_000,
+    ) -> tuple[int, int]:
+        """Delete what retention lets go: outbox rows delivered before ``delivered_before``
+        and incidents closed (resolved or false positive) whose last change is before
+        ``closed_before`` and none of whose alerts waits for delivery; None keeps that kind.
+        An undelivered alert and an open or acknowledged incident are never deleted. Works in
+        transactions of ``chunk`` rows, so pruning a long history does not hold the batches
+        up. Returns (outbox rows, incidents) deleted."""
+        alerts = incidents = 0
+        while delivered_before is not None:
+            with self._write_lock, self.engine.begin() as conn:
+                n = prune_delivered(conn, delivered_before, chunk)
+            alerts += n
+            if n < chunk:
+                break
+        while closed_before is not None:
+            with self._write_lock, self.engine.begin() as conn:
+                n = _prune_closed(conn, closed_before, chunk)
+            incidents += n
+            if n < chunk:
+                break
+        return alerts, incidents
+
     def forget_positions(self, source: str, keys: Sequence[str]) -> None:
         """Drop the positions of files that are gone for good (journal files a snapshot
         covers), so the table does not grow with every request ever journaled."""
@@ -438,8 +490,44 @@ class Store:
             return [dict(r._mapping) for r in conn.execute(q)]
 
 
+def _chunks(values: Sequence[str], size: int = 500) -> Iterator[list[str]]:
+    """``values`` in lists of at most ``size`` (bounded IN lists, whatever a batch holds)."""
+    for i in range(0, len(values), size):
+        yield list(values[i : i + size])
+
+
+def _shown(doc: dict[str, Any]) -> dict[str, Any]:
+    """An incident document without its working state (keys starting with "_": kept for the
+    live grouping to continue from, not shown by the API or sent in alerts)."""
+    return {k: v for k, v in doc.items() if not k.startswith("_")}
+
+
+#: Incident statuses that retention may prune (open and acknowledged ones are kept).
+CLOSED_STATUSES: Final = ("resolved", "false_positive")
+
+
+def _prune_closed(conn: sa.Connection, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` closed incidents last changed before ``before`` with no alert
+    waiting for delivery, the longest unchanged first; returns how many went."""
+    c = t.incidents.c
+    waiting = (
+        sa.select(t.outbox.c.id)
+        .where(t.outbox.c.incident_id == c.id, t.outbox.c.delivered_at.is_(None))
+        .exists()
+    )
+    done = c.status.in_(CLOSED_STATUSES) & (c.updated_at < before) & ~waiting
+    ids = list(
+        conn.execute(sa.select(c.id).where(done).order_by(c.updated_at, c.id).limit(limit))
+        .scalars()
+        .all()
+    )
+    if ids:
+        conn.execute(t.incidents.delete().where(c.id.in_(ids), done))
+    return len(ids)
+
+
 def _incident_view(row: Any) -> dict[str, Any]:
-    doc = dict(row.doc)
+    doc = _shown(row.doc)
     doc["status"] = row.status
     doc["status_changed_at"] = (
         _ts(row.status_changed_at).isoformat() if row.status_changed_at is not None else None

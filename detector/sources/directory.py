@@ -9,13 +9,16 @@ contiguous stretch of one file plus the position after it:
   quarantined as unreadable. Write such files under a name starting with ``.`` or ending in
   ``.tmp``/``.part`` and rename them into place; those names are never read.
 * Everything else is tailed by byte offset through a :mod:`feeder <detector.sources.feeders>`
-  (canonical JSON lines or an audit-log adapter). A partial last line waits for its newline
-  (or for the file to be still for ``settle_s``); an adapter holding back lines it may still
-  merge emits them once the file has been still for a second. A file is known by device and
-  inode, so a file renamed by rotation keeps its position and is read to its end even when
-  its new name no longer matches the pattern; a file that shrinks below its position was
-  truncated (copytruncate) and is read again from the start; an inode reused for a new file
-  is told apart by the hash of its first bytes.
+  (canonical JSON lines or an audit-log adapter), :data:`MAX_CHUNK` bytes at a time. A partial
+  last line waits for its newline (or for the file to be still for ``settle_s``); an adapter
+  holding back lines it may still merge (within the bounds of :mod:`detector.adapters.base`)
+  emits them once the file has been still for a second, or at once when a full read would
+  otherwise consume nothing. Only a record longer than a read is skipped, quarantined as
+  ``too_large`` at its line. A file is known by device and inode, so a file renamed by
+  rotation keeps its position and is read to its end even when its new name no longer matches
+  the pattern; a file that shrinks below its position was truncated (copytruncate) and is read
+  again from the start; an inode reused for a new file is told apart by the hash of its first
+  bytes.
 
 :meth:`DirectorySource.reread` reads a recorded stretch again, for the restart replay.
 """
@@ -237,22 +240,29 @@ class DirectorySource:
             if not data:
                 return
             last = offset + len(data) >= f.size
-            parsed = self._feeder(f).feed(
-                data, final=last and quiet >= self.settle_s, idle=last and quiet >= _IDLE_S
-            )
+            idle = last and quiet >= _IDLE_S
+            feeder = self._feeder(f)
+            parsed = feeder.feed(data, final=last and quiet >= self.settle_s, idle=idle)
+            lines = data.count(b"\n", 0, parsed.consumed)
             if parsed.consumed == 0:
-                if len(data) >= MAX_CHUNK:  # one record longer than a chunk: skip it
-                    parsed = self._skip_overlong(f, data)
-                else:
+                if len(data) < MAX_CHUNK:
                     return  # a partial last record: wait for the rest
+                if not idle:  # the window is full: release what the feeder holds back
+                    parsed = feeder.feed(data, idle=True)
+                    lines = data.count(b"\n", 0, parsed.consumed)
+                if parsed.consumed == 0:  # no record ends in a whole chunk: skip the one
+                    parsed, lines = self._skip_overlong(f, data)
             offset += parsed.consumed
-            line = int(f.pos.get("line", 1)) + data[: parsed.consumed].count(b"\n")
-            end = {**f.pos, "offset": offset, "line": line}
+            end = {**f.pos, "offset": offset, "line": int(f.pos.get("line", 1)) + lines}
             yield self._read(f, parsed.events, end, parsed.rejects)
 
-    def _skip_overlong(self, f: _File, data: bytes) -> Parsed:
+    def _skip_overlong(self, f: _File, data: bytes) -> tuple[Parsed, int]:
+        """Skip the record that starts the chunk ``data`` and is longer than it: through the
+        end of the line it ends on. Returns the skip (one ``too_large`` reject) and how many
+        lines it spans."""
         offset = int(f.pos.get("offset", 0))
         skip = len(data)
+        lines = data.count(b"\n")
         with f.path.open("rb") as fh:
             fh.seek(offset + skip)
             while True:
@@ -262,6 +272,7 @@ class DirectorySource:
                 nl = block.find(b"\n")
                 if nl >= 0:
                     skip += nl + 1
+                    lines += 1
                     break
                 skip += len(block)
         where = f"{f.path}:{f.pos.get('line', 1)}"
@@ -276,7 +287,7 @@ class DirectorySource:
             ]
         )
         f.feeder = None
-        return Parsed(schema.empty_events(), rejects, skip)
+        return Parsed(schema.empty_events(), rejects, skip), lines
 
     def _feeder(self, f: _File) -> feeders.Feeder:
         if f.feeder is None:
