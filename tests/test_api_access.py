@@ -447,6 +447,58 @@ def test_with_no_token_a_cross_site_form_cannot_touch_an_incident(tmp_path: Path
             assert client.get("/v1/incidents").status_code == 200  # no read token: reads open
 
 
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("127.0.0.1:8080", True),
+        ("127.3.0.9", True),
+        ("localhost:8080", True),
+        ("[::1]:8080", True),
+        (None, True),  # not a browser: browsers always name the host
+        ("rebind.attacker.example:8080", False),
+        ("203.0.113.7:8080", False),
+        ("127.0.0.1.attacker.example", False),
+        ("[::ffff:203.0.113.7]:8080", False),
+    ],
+)
+def test_with_no_token_only_requests_naming_a_loopback_host_are_served(
+    tmp_path: Path, host: str | None, served: bool
+) -> None:
+    """A page whose own name was made to resolve to 127.0.0.1 (DNS rebinding) is same-origin
+    with a tokenless API, so neither the preflight rule nor the content type stops it; the
+    name it sends in Host does. Probes stay open to any name."""
+    with running(settings_for(tmp_path, models_copy(tmp_path))) as service:
+        with service.store.transaction() as tx:
+            tx.save_incidents([_incident("inc_0123456789abcdef")], new=True)
+        app = create_app(service)
+        named = {"host": host} if host is not None else {}
+        read = call(app, "GET", "/v1/incidents", named)
+        body = b'{"by": "page", "comment": "benign"}'
+        write = call(
+            app,
+            "POST",
+            "/v1/incidents/inc_0123456789abcdef/false-positive",
+            {**named, "content-type": "application/json", "content-length": str(len(body))},
+            iter([body]),
+        )
+        probe = call(app, "GET", "/healthz", named)
+        doc = service.store.incident("inc_0123456789abcdef")
+        assert doc is not None
+        if served:
+            assert (read.status, write.status) == (200, 200)
+            assert doc["status"] == "false_positive"
+        else:
+            assert (read.status, write.status) == (403, 403) and write.pulled == 0
+            assert b"principal" not in read.body and doc["status"] == "open"
+        assert probe.status == 200
+
+
+def test_a_configured_token_serves_any_host(guarded: tuple[Service, FastAPI, Path]) -> None:
+    _service, app, _root = guarded
+    answer = call(app, "GET", "/v1/incidents", {"host": "exfilwatch.corp.example", **bearer(WRITE)})
+    assert answer.status == 200
+
+
 _TYPES = [
     None,
     "application/json",

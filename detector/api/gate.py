@@ -6,7 +6,9 @@ it checks, in this order, each before a byte of the body is received:
 1. **the token**: a write needs the write token when one is configured; a read of incidents or
    of the model needs the read token or the write token when a read token is configured; probes
    and metrics are open (401; the connection is closed when the request announced a body, so
-   its sender cannot keep streaming it);
+   its sender cannot keep streaming it). A route no configured token guards is served only to
+   requests whose Host names a loopback address (403 otherwise): a web page whose own name an
+   attacker made resolve to 127.0.0.1 is same-origin with the API, and its Host gives it away;
 2. **the content type** of a write: one of the route's own (JSON for verdicts and promotion;
    JSON, NDJSON, Parquet or Arrow for ingest). None of them is a type an HTML form or a plain
    cross-site ``fetch`` can send without a CORS preflight, which this API never grants, so a
@@ -113,6 +115,10 @@ class Gate:
         if tokens and not any(hmac.compare_digest(given, token) for token in tokens):
             what = "the write token" if rule.access == "write" else "the read or write token"
             return 401, f"{what} is required (Authorization: Bearer)", _CHALLENGE
+        if not tokens and rule.access != "open" and not _loopback_host(headers.get(b"host")):
+            # no token vouches for the caller: a page whose name was made to resolve to this
+            # address (DNS rebinding) would be same-origin, so only loopback names are served
+            return 403, _HOST_DETAIL, {}
         if rule.access == "write" and method in _BODY_METHODS:
             declared = headers.get(b"content-type")
             if declared is None:
@@ -157,6 +163,27 @@ class Gate:
 
 
 _CHALLENGE: Final = {"www-authenticate": "Bearer"}
+_HOST_DETAIL: Final = (
+    "with no token configured, only requests naming a loopback host (Host: 127.0.0.1 or "
+    "localhost) are served; configure api.token (and api.read_token) to serve other names"
+)
+
+
+def _loopback_host(value: bytes | None) -> bool:
+    """Whether a Host header names this machine by a loopback name (no header: a client that
+    is not a browser, which always sends one)."""
+    if value is None:
+        return True
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host[1:]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name in ("localhost", "::1") or name.endswith(".localhost"):
+        return True
+    parts = name.split(".")
+    numeric = all(p.isdigit() and int(p) < 256 for p in parts)
+    return len(parts) == 4 and parts[0] == "127" and numeric
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
