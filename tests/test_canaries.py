@@ -5,6 +5,8 @@ quarantine, the feature snapshots or the logs.
 * PostgreSQL 15 + pgaudit: ``exfilwatch serve`` tails the cluster's log, a bulk read whose
   WHERE clause carries a canary in every PostgreSQL literal and comment syntax becomes an
   incident and alerts; every byte the service wrote or sent is searched.
+* Lines that cannot be read go to quarantine: from a real MariaDB's audit log below, and from
+  generated statements in both dialects (as a rejected record and as a raw line) at the end.
 * MariaDB + server_audit: the MySQL syntaxes (double-quoted strings, backslash escapes, ``#``
   comments, introducers), read from the server's own audit log by the adapter, through the
   engine, grouping, the sinks' bodies, the store and the quarantine.
@@ -56,14 +58,6 @@ PG_ATTACK = (
     " /* cnry7qF /* cnry7qG */ cnry7qH */ AND id <> 'cnry7qI' /* cnry7qJ **/"
     " -- cnry7qK\n"
 )
-#: Lines of the same log format that cannot be read, holding canaries: they go to quarantine.
-PG_BROKEN = [
-    b'{"timestamp":"2026-12-01 10:00:00.000 UTC","user":"app_api","message":"AUDIT: SESSION,'
-    b'1,1,READ,SELECT,,,\\"SELECT \'cnry7qL\' FROM t\\",<not logged>"',  # cut short
-    b'{"timestamp": "not a time", "message": "AUDIT: SESSION,1,1,READ,SELECT,,,'
-    b'SELECT $$cnry7qM$$ FROM t,<not logged>"}',
-    b"\xff\xfe garbage 'cnry7qN' $$cnry7qO$$ /* cnry7qP */",
-]
 
 
 def _leaks(data: bytes) -> int:
@@ -135,7 +129,6 @@ poll_s = 0.05
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: get_json(f"{url}/readyz"), 60, "the service to be ready")
             seen0 = get_json(f"{url}/v1/model")["feature_state"]["events_seen"]
-            (cluster.log_dir / "broken.json").write_bytes(b"\n".join(PG_BROKEN) + b"\n")
             app = {"password": "app-secret", "application_name": "saas-web"}
             with cluster.connect("app_api", **app) as conn:
                 for client in range(1, 6):
@@ -147,11 +140,16 @@ poll_s = 0.05
             assert len(rows) > 10_000
             # 2 logins + 5 reads + the attack, scored (a first batch may wait for the kernel
             # to compile on a busy machine)
-            wait_for(
-                lambda: get_json(f"{url}/v1/model")["feature_state"]["events_seen"] >= seen0 + 8,
-                180,
-                "the traffic to be scored",
-            )
+            try:
+                wait_for(
+                    lambda: (
+                        get_json(f"{url}/v1/model")["feature_state"]["events_seen"] >= seen0 + 8
+                    ),
+                    180,
+                    "the traffic to be scored",
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from None
             items = wait_for(lambda: get_json(f"{url}/v1/incidents")["items"], 30, "an incident")
             incident = items[0]
             assert incident["principal"] == "app_api"
@@ -163,14 +161,6 @@ poll_s = 0.05
                 lambda: [r for r in others.requests() if r.path.endswith("/alerts")],
                 60,
                 "Alertmanager",
-            )
-            wait_for(
-                lambda: (
-                    (state / "quarantine" / "rejected.jsonl").exists()
-                    and (state / "quarantine" / "rejected.jsonl").read_bytes().count(b"\n") >= 2
-                ),
-                60,
-                "the broken lines to be quarantined",
             )
             api = [
                 get_json(f"{url}/v1/incidents"),
