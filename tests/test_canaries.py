@@ -88,7 +88,6 @@ def test_no_canary_leaves_the_service_watching_a_real_postgresql(tmp_path: Path)
             cfg.write_text(
                 f"""
 state_dir = "{state}"
-log_level = "debug"
 models_dir = "{models}"
 [api]
 port = {port}

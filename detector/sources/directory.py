@@ -296,9 +296,14 @@ class DirectorySource:
 
     @staticmethod
     def _bytes(path: Path, offset: int, size: int) -> bytes:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            return fh.read(size)
+        """Up to ``size`` bytes at ``offset``; none when the file went away since it was
+        listed (renamed by a rotation, deleted): the next scan sees where it went."""
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                return fh.read(size)
+        except FileNotFoundError:
+            return b""
 
     # ------------------------------------------------------------------ common
     def _read(
