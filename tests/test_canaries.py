@@ -45,10 +45,9 @@ from detector.sinks.webhook import body_bytes
 from detector.testing import make_events
 from tests.pgcluster import free_port, require_cluster
 from tests.test_deploy_support import get_json, wait_for
-from tests.test_serve_pgaudit import _history_model, saas_cluster
+from tests.test_serve_pgaudit import SECRET, _history_model, saas_cluster, write_config
 from tests.test_sqltext import planted
 
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MARK = b"cnry7q"
 
 #: One bulk read of the whole clients table whose every literal and comment holds a canary.
@@ -85,37 +84,12 @@ def test_no_canary_leaves_the_service_watching_a_real_postgresql(tmp_path: Path)
         state = tmp_path / "var"
         with WebhookReceiver(secrets=[SECRET]) as hooks, WebhookReceiver() as others:
             cfg = tmp_path / "serve.toml"
-            cfg.write_text(
-                f"""
-state_dir = "{state}"
-models_dir = "{models}"
-[api]
-port = {port}
-[[sources]]
-name = "pg"
-kind = "directory"
-path = "{cluster.log_dir}"
-pattern = "*.json"
-format = "pgaudit-jsonlog"
-[[sinks]]
-name = "soc"
-kind = "webhook"
-url = "{hooks.url}/hook"
-secret = "{SECRET}"
-[[sinks]]
-name = "chat"
-kind = "slack"
-url = "{others.url}/slack"
-[[sinks]]
-name = "am"
-kind = "alertmanager"
-url = "{others.url}"
-interval_s = 0.5
-[pipeline]
-batch_delay_s = 0.05
-poll_s = 0.05
-"""
+            more = (
+                f'[[sinks]]\nname = "chat"\nkind = "slack"\nurl = "{others.url}/slack"\n'
+                f'[[sinks]]\nname = "am"\nkind = "alertmanager"\nurl = "{others.url}"\n'
+                "interval_s = 0.5"
             )
+            write_config(cfg, state, models, port, cluster.log_dir, hooks.url, more)
             exe = shutil.which("exfilwatch")
             assert exe is not None
             log_path = tmp_path / "serve.log"

@@ -78,6 +78,36 @@ def saas_cluster(tmp: Path) -> PgCluster:
     return cluster
 
 
+def write_config(
+    path: Path, state: Path, models: Path, port: int, log_dir: Path, hook: str, sinks: str = ""
+) -> None:
+    """A service config tailing the cluster's jsonlog directory, with a signed webhook to
+    ``hook`` and any further ``sinks`` (TOML tables)."""
+    path.write_text(
+        f"""
+state_dir = "{state}"
+models_dir = "{models}"
+[api]
+port = {port}
+[[sources]]
+name = "pg"
+kind = "directory"
+path = "{log_dir}"
+pattern = "*.json"
+format = "pgaudit-jsonlog"
+[[sinks]]
+name = "soc"
+kind = "webhook"
+url = "{hook}/hook"
+secret = "{SECRET}"
+{sinks}
+[pipeline]
+batch_delay_s = 0.05
+poll_s = 0.05
+"""
+    )
+
+
 @pytest.mark.slow
 def test_serve_tails_pgaudit_and_turns_a_bulk_read_into_an_incident_and_a_webhook(
     tmp_path: Path,
@@ -90,28 +120,7 @@ def test_serve_tails_pgaudit_and_turns_a_bulk_read_into_an_incident_and_a_webhoo
         port = free_port()
         with WebhookReceiver(secrets=[SECRET]) as receiver:
             cfg = tmp_path / "serve.toml"
-            cfg.write_text(
-                f"""
-state_dir = "{tmp_path / "var"}"
-models_dir = "{models}"
-[api]
-port = {port}
-[[sources]]
-name = "pg"
-kind = "directory"
-path = "{cluster.log_dir}"
-pattern = "*.json"
-format = "pgaudit-jsonlog"
-[[sinks]]
-name = "soc"
-kind = "webhook"
-url = "{receiver.url}/hook"
-secret = "{SECRET}"
-[pipeline]
-batch_delay_s = 0.05
-poll_s = 0.05
-"""
-            )
+            write_config(cfg, tmp_path / "var", models, port, cluster.log_dir, receiver.url)
             exe = shutil.which("exfilwatch")
             assert exe is not None
             log = (tmp_path / "serve.log").open("wb")
