@@ -13,13 +13,15 @@ import platform
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata as importlib_metadata
+from itertools import chain
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 import orjson
@@ -27,7 +29,13 @@ import polars as pl
 
 from detector import __version__
 from detector.errors import InputError, ModelError
-from detector.features.engine import MODEL_FEATURES, PLAUSIBLE, FeatureEngine
+from detector.features.engine import (
+    MODEL_FEATURES,
+    PLAUSIBLE,
+    FeatureBatch,
+    FeatureEngine,
+    Prepared,
+)
 from detector.features.settings import FeatureSettings, StateBounds
 from detector.incidents import grouping
 from detector.quarantine import Quarantine
@@ -173,7 +181,10 @@ def exclusion_filter(labels_path: Path) -> pl.Expr:
     return expr
 
 
-def prefetched(items: Iterator[pl.DataFrame], depth: int = 2) -> Iterator[pl.DataFrame]:
+_T = TypeVar("_T")
+
+
+def prefetched(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
     """``items`` read ahead by up to ``depth`` in a thread, so reading the next batch overlaps
     work on this one (the readers spend their time in Arrow and polars, outside the GIL). Order
     is kept; an exception in the reader is raised here, where the item would have come."""
@@ -211,6 +222,9 @@ def prefetched(items: Iterator[pl.DataFrame], depth: int = 2) -> Iterator[pl.Dat
     finally:
         stop.set()
         thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:  # a generator source (itself read ahead, perhaps) stops too
+            close()
 
 
 def _events(
@@ -265,9 +279,9 @@ def train(
     prog.start("replaying history", total_rows(paths))
     frames = []
     events = _events(paths, quarantine, opts.batch_rows, exclude, counts, opts.reading)
-    for batch in prefetched(events):
-        frames.append(engine.transform(batch).select(_TRAIN_COLUMNS))
-        prog.advance(batch.height)
+    for prepared in prefetched(engine.prepare(batch) for batch in events):
+        frames.append(engine.frame(engine.advance(prepared)).select(_TRAIN_COLUMNS))
+        prog.advance(prepared.events.height)
     prog.finish()
     if not frames:
         raise InputError("no valid events to train on")
@@ -473,10 +487,21 @@ class Scorer:
         scores = self.forest.score(batch.model)
         return self.engine.frame(batch).with_columns(anomaly_score=pl.Series(scores))
 
-    def anomalies(self, events: pl.DataFrame, since: datetime | None = None) -> pl.DataFrame:
+    def anomalies(
+        self, events: pl.DataFrame | Prepared, since: datetime | None = None
+    ) -> pl.DataFrame:
         """Feature rows, with ``anomaly_score``, of the events at or above the threshold (and at
-        or after ``since``); the state advances over every event."""
-        batch = self.engine.update(events)
+        or after ``since``); the state advances over every event. ``events`` may come prepared
+        already (:meth:`FeatureEngine.prepare`, run ahead in another thread)."""
+        if isinstance(events, pl.DataFrame):
+            events = self.engine.prepare(events)
+        return self.found(self.engine.advance(events), since)
+
+    def found(self, batch: FeatureBatch, since: datetime | None = None) -> pl.DataFrame:
+        """The anomalies of a batch whose features are computed: the stateless end of
+        :meth:`anomalies` (the forest, the threshold, habitual work), which may run in another
+        thread while the engine goes on to the next batch."""
+        events = batch.events
         scores = self.forest.score(batch.model)
         hit = scores >= self.threshold
         if since is not None and events.height:
@@ -591,13 +616,29 @@ def score(
     continued = warm_until is None
     scorer = Scorer(art, continue_state=continued)
     prog.start("scoring", total_rows(paths))
-    kept = []
-    if first is not None:
-        kept.append(_score_batch(scorer, first, warm_until, on_anomalies))
-        prog.advance(first.height)
-    for batch in batches:
-        kept.append(_score_batch(scorer, batch, warm_until, on_anomalies))
-        prog.advance(batch.height)
+    kept: list[pl.DataFrame] = []
+
+    def keep(found: pl.DataFrame, rows: int) -> None:
+        if on_anomalies is not None and found.height:
+            on_anomalies(found)
+        kept.append(found)
+        prog.advance(rows)
+
+    # Four stages overlap: the next batches are read and prepared ahead (a thread each), the
+    # kernel runs here, in order, and the forest scores each batch in a thread of its own
+    # while the kernel goes on to the next; results are taken in order.
+    ordered = chain([first] if first is not None else [], batches)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forest") as forest:
+        pending: deque[tuple[Future[pl.DataFrame], int]] = deque()
+        for prepared in prefetched(scorer.engine.prepare(batch) for batch in ordered):
+            batch = scorer.engine.advance(prepared)
+            pending.append((forest.submit(scorer.found, batch, warm_until), batch.events.height))
+            if len(pending) > 1:
+                done, rows = pending.popleft()
+                keep(done.result(), rows)
+        while pending:
+            done, rows = pending.popleft()
+            keep(done.result(), rows)
     prog.finish()
     anomalies = pl.concat(kept) if kept else None
     incidents = scorer.incidents(anomalies) if anomalies is not None else []
@@ -613,18 +654,6 @@ def score(
         warmup_until=warm_until.isoformat() if warm_until is not None else None,
         seconds=time.perf_counter() - t_start,
     )
-
-
-def _score_batch(
-    scorer: Scorer,
-    batch: pl.DataFrame,
-    warm_until: datetime | None,
-    on_anomalies: Callable[[pl.DataFrame], None] | None,
-) -> pl.DataFrame:
-    anomalies = scorer.anomalies(batch, warm_until)
-    if on_anomalies is not None and anomalies.height:
-        on_anomalies(anomalies)
-    return anomalies
 
 
 def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:

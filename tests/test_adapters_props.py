@@ -8,7 +8,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from detector.adapters import ADAPTER_REASONS, ADAPTERS, make_adapter
@@ -71,6 +71,7 @@ def test_mutated_line_is_quarantined_and_neighbours_survive(name: str, seed: int
 @pytest.mark.parametrize("name", list(ADAPTERS))
 @settings(max_examples=20, deadline=None)
 @given(blob=st.binary(max_size=2000))
+@example(blob=b"null\n")  # Arrow's JSON reader crashes the process on a first value of null
 def test_random_bytes_never_raise(name: str, blob: bytes) -> None:
     parser = make_adapter(name, location="f", **SAMPLES[name][1])
     first = parser.feed(blob)
@@ -246,3 +247,17 @@ def test_no_complete_record_is_lost_for_any_interleaving_of_sessions_and_sizes(
     assert events.height == len(expected)
     assert got == expected
     assert sum(f.height for f in rejected) == 0
+
+
+@pytest.mark.parametrize("first", [b"null", b" null", b"\n\nnull", b"[1]", b"1"])
+def test_a_jsonlog_chunk_that_begins_with_a_value_not_an_object_keeps_its_records(
+    first: bytes,
+) -> None:
+    """A top-level null as the first value of a chunk took the process down inside Arrow's
+    JSON reader (pyarrow 26); such a chunk is read line by line: the odd line is rejected, and
+    every record after it is emitted."""
+    data = SAMPLES["pgaudit-jsonlog"][0]
+    clean = _whole("pgaudit-jsonlog", data)
+    parsed = _whole("pgaudit-jsonlog", first + b"\n" + data)
+    assert parsed.events.height == clean.events.height > 0
+    assert parsed.rejects.height == clean.rejects.height + 1

@@ -276,8 +276,10 @@ def test_state_refuses_another_feature_spec(tmp_path: Path) -> None:
 
 def test_model_matrix_is_the_frames_model_columns() -> None:
     engine = FeatureEngine()
-    feats = engine.transform(make_events(history(2)))
-    assert np.array_equal(engine.model_matrix_, feats.select(MODEL_FEATURES).to_numpy())
+    batch = engine.update(make_events(history(2)))
+    feats = engine.frame(batch)
+    assert batch.model.shape == (feats.height, len(MODEL_FEATURES))
+    assert np.array_equal(batch.model, feats.select(MODEL_FEATURES).to_numpy())
 
 
 def test_state_with_a_short_row_is_refused(tmp_path: Path) -> None:
@@ -510,6 +512,46 @@ def test_a_lookup_after_a_scrape_does_not_carry_the_scrape() -> None:
     # every page sustained the volume (each replaced what decayed since the one before)
     scrape = feats.filter(pl.col("session_id") == "scrape")
     assert (scrape["sensitive_rows_1h_excess"].tail(80) > 0.0).all()
+
+
+def test_lookups_a_minute_apart_after_a_scrape_do_not_carry_it() -> None:
+    """The agent's own pace after her scrape of the client list (one-row lookups of the
+    scraped shape a minute apart, 55 minutes on) replaces more than half of each minute's
+    decay of the scrape's 3-hour coverage, so the replenish test alone would credit her with
+    it; the volumes have fallen away from their peak, so they are not the lookups' evidence.
+    A slow scraper's pages, five minutes apart, keep theirs."""
+    settings = FeatureSettings(table_rows={"public.accounts": 20_000, "public.clients": 2_000})
+    t = T0 + timedelta(days=3, hours=10)
+
+    def lookup(at: datetime, k: int, session: str, rows: int = 1) -> dict[str, object]:
+        return {
+            **_read("support_1", at, rows=rows, session_id=session),
+            "objects": ["public.clients"],
+            "statement_text": f"SELECT * FROM public.clients WHERE id = {k}",
+        }
+
+    base = _staff("support_1", [0, 1, 2]) + [
+        lookup(T0 + timedelta(days=d, hours=11, minutes=3 * k), k, f"day{d}")
+        for d in range(3)
+        for k in range(5)
+    ]
+    scrape = [lookup(t + timedelta(seconds=3 * k), k, "scrape") for k in range(300)]
+    after = [lookup(t + timedelta(minutes=55, seconds=60 * k), 900 + k, "after") for k in range(10)]
+    rows = sorted([*base, *scrape, *after], key=lambda r: r["event_time"])  # type: ignore[arg-type, return-value]
+    feats = FeatureEngine(settings).transform(make_events(rows))
+    names = ("table_coverage_excess", "fingerprint_repeats_1h_excess")
+    last_page = feats.filter(pl.col("session_id") == "scrape").row(-1, named=True)
+    for name in names:
+        assert last_page[name] > 0.5, name
+    trailing = feats.filter(pl.col("session_id") == "after")
+    for name in names:
+        assert (trailing[name] == 0.0).all(), name
+
+    slow = [lookup(t + timedelta(minutes=5 * k), 2000 + k, "slow", rows=20) for k in range(30)]
+    rows = sorted([*base, *slow], key=lambda r: r["event_time"])  # type: ignore[arg-type, return-value]
+    pages = FeatureEngine(settings).transform(make_events(rows))
+    pages = pages.filter(pl.col("session_id") == "slow")
+    assert (pages["table_coverage_excess"].tail(25) > 0.0).all()
 
 
 def test_coverage_is_compared_with_the_principals_own_past_of_that_table() -> None:

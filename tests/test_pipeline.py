@@ -70,3 +70,40 @@ def test_read_ahead_keeps_order_and_raises_where_the_failure_was() -> None:
     assert next(ahead)["i"][0] == 0
     ahead.close()  # abandoned: the reader thread ends
     assert threading.active_count() == before
+
+
+def test_chained_read_ahead_abandoned_stops_every_thread() -> None:
+    """Scoring chains two read-aheads (reading, then preparing); leaving the outer one early
+    ends both threads, not only its own."""
+    import threading
+
+    from detector.pipeline import prefetched
+
+    def frames():
+        for i in range(100):
+            yield pl.DataFrame({"i": [i]})
+
+    before = threading.active_count()
+    outer = prefetched(f.with_columns(j=pl.col("i") * 2) for f in prefetched(frames()))
+    assert next(outer)["j"][0] == 0
+    outer.close()
+    assert threading.active_count() == before
+
+
+def test_overlapped_batch_scoring_finds_what_one_pass_in_order_finds(tmp_path) -> None:
+    """pipeline.score overlaps reading, preparing, the kernel and the forest across threads;
+    its anomalies and incidents are those of one batch scored in order in this thread."""
+    from detector.pipeline import score
+
+    events = pl.concat(list(read_events([SAMPLE / "events.parquet"], batch_rows=50_000)))
+    events = events.filter(pl.col("event_time") >= pl.col("event_time").max() - pl.duration(days=3))
+    path = tmp_path / "days.parquet"
+    events.write_parquet(path)
+    art = store.load(ROOT / "models" / "default")
+    report = score(ROOT / "models" / "default", [path], None, batch_rows=7_001, warmup_hours=0)
+    one = Scorer(art, continue_state=report.continued_state)
+    hits = one.anomalies(events)
+    assert report.anomalies == hits.height > 0
+    expected = one.incidents(hits)
+    assert [i["id"] for i in report.incidents] == [i["id"] for i in expected]
+    assert report.incidents == expected

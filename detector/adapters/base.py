@@ -261,3 +261,16 @@ def kv_list(frame: pl.DataFrame, keys: Sequence[str], name: str = "extra") -> pl
     inner = pl.DataFrame({"key": names, "value": values}).to_struct("kv").to_arrow()
     offsets = pa.array(np.arange(0, width * frame.height + 1, width, dtype=np.int32))
     return pl.Series(name, pa.ListArray.from_arrays(offsets, inner))
+
+
+_JSON_SPACE: Final = frozenset(b" \t\r\n")
+
+
+def starts_with_object(view: memoryview | bytes) -> bool:
+    """Whether the first JSON value in ``view`` is an object. Arrow's JSON reader (pyarrow
+    26) crashes the process on text whose first value is a top-level ``null``, so no text
+    that fails this reaches it."""
+    for byte in view:
+        if byte not in _JSON_SPACE:
+            return bool(byte == ord("{"))
+    return False

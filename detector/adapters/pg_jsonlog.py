@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pj
 
-from detector.adapters.base import RejectList, line_bounds, newline_positions
+from detector.adapters.base import RejectList, line_bounds, newline_positions, starts_with_object
 from detector.adapters.pgaudit import RecordParser, empty_records
 
 _FIELDS: Final = {
@@ -67,6 +67,8 @@ class PgJsonlogParser(RecordParser):
             stripped = [not data[s:e].strip() for s, e in zip(starts, ends, strict=True)]
             blank = np.array(stripped, dtype=bool)
         lo, hi = int(starts[0]), int(ends[-1])
+        if not starts_with_object(memoryview(data)[lo:hi]):  # e.g. a "null" line first
+            return self._line_by_line(data, starts, ends, numbers, rejects)
         try:
             data[lo:hi].decode()  # Arrow's reader does not check UTF-8; orjson does
         except UnicodeDecodeError:

@@ -25,6 +25,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,7 +45,7 @@ from detector.features.sqlshape import (
 from detector.schema import ACTIONS
 from detector.sqltext import ANALYSED_CHARS
 
-ENGINE_VERSION: Final = 7
+ENGINE_VERSION: Final = 8
 #: Layout of the saved state (state.npz + state.json); version 1 files still load.
 STATE_VERSION: Final = 2
 
@@ -171,12 +172,32 @@ def spec_hash(spec: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class FeatureBatch:
     """One batch's features before they become a frame: the events, the kernel's outputs
-    (n x len(OUT_COLUMNS)), the model matrix (n x len(MODEL_FEATURES)) and the tables touched."""
+    (n x len(OUT_COLUMNS)) and the tables touched; the model matrix (n x len(MODEL_FEATURES))
+    is made from the outputs when first asked for, so that work can happen in the thread that
+    scores the batch while the kernel goes on to the next."""
 
     events: pl.DataFrame
     out: np.ndarray
-    model: np.ndarray
     tables: pl.Series
+
+    @cached_property
+    def model(self) -> np.ndarray:
+        return _model_matrix(self.out) if self.out.shape[0] else np.empty((0, len(MODEL_FEATURES)))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One batch made ready for the kernel by :meth:`FeatureEngine.prepare`: the events (with
+    their derived tenant and fingerprint), the per-event columns, the hashed ids (address,
+    client, tenant, session), OFFSET values, tables touched and how many statements were cut
+    to the analysed length."""
+
+    events: pl.DataFrame
+    cols: dict[str, np.ndarray]
+    ids: tuple[np.ndarray, ...]
+    offsets: np.ndarray
+    tables: pl.Series
+    cut: int
 
 
 def _model_matrix(out: np.ndarray) -> np.ndarray:
@@ -298,6 +319,8 @@ class FeatureEngine:
         self.kinds_ = np.zeros(1024, dtype=np.int8)
         self.ta_ = np.zeros(1024)
         self.va_ = np.zeros(1024)
+        #: per entry of the pair table: a volume counter's recent high (kernel WAKE_S)
+        self.pa_ = np.zeros(1024)
         self.size_ = 0
         self.events_seen_ = 0
         self.last_event_time_: float | None = None
@@ -308,8 +331,6 @@ class FeatureEngine:
         #: The first event time the engine saw: principals there from the first day are not
         #: "new principals", only unknown ones.
         self.first_event_time_: float | None = None
-        #: The model features of the last transformed batch as one float matrix (n x F).
-        self.model_matrix_ = np.empty((0, len(MODEL_FEATURES)))
 
     # ------------------------------------------------------------------ transform
     def transform(self, events: pl.DataFrame) -> pl.DataFrame:
@@ -319,35 +340,58 @@ class FeatureEngine:
     def update(self, events: pl.DataFrame) -> FeatureBatch:
         """Advance the state over ``events`` and compute their features, without building the
         feature frame (see :meth:`frame`): a scorer materialises only the rows it keeps."""
+        return self.advance(self.prepare(events))
+
+    def prepare(self, events: pl.DataFrame) -> Prepared:
+        """The stateless half of :meth:`update`: each event's statement shape, tables, flags and
+        ids, which depend on the events and the settings alone (the caches it fills change no
+        result). It may run ahead on the next batch, in another thread, while :meth:`advance`
+        runs the kernel over this one (see :func:`prepared_ahead`)."""
         n = events.height
         if n == 0:
-            return FeatureBatch(
-                events,
-                np.empty((0, K.N_OUT)),
-                np.empty((0, len(MODEL_FEATURES))),
-                pl.Series("tables", [], pl.List(pl.String)),
+            return Prepared(
+                events, {}, (), np.empty(0), pl.Series("tables", [], pl.List(pl.String)), 0
             )
         prep = self._prepare(events)
-        if self.first_event_time_ is None:  # the first event in arrival order
-            self.first_event_time_ = float(prep["t"][0])
         events = events.with_columns(
             tenant_id=self._tenants(events, prep), fingerprint=prep["fp"].cast(pl.Int64)
         )
-        cols = {c: prep[c].to_numpy() for c in prep.columns if c != "tables"}
+        return Prepared(
+            events,
+            {c: prep[c].to_numpy() for c in prep.columns if c != "tables"},
+            tuple(
+                self._ids(events[c]) for c in ("client_ip", "client_app", "tenant_id", "session_id")
+            ),
+            self._offsets(events, prep),
+            prep["tables"],
+            int(prep["cut"].sum()),
+        )
+
+    def advance(self, prepared: Prepared) -> FeatureBatch:
+        """The stateful half of :meth:`update`: the kernel over one prepared batch, in order."""
+        events, cols = prepared.events, prepared.cols
+        n = events.height
+        self.batch_statements_cut_ = prepared.cut
+        self.statements_cut_ += prepared.cut
+        if n == 0:
+            return FeatureBatch(events, np.empty((0, K.N_OUT)), prepared.tables)
+        if self.first_event_time_ is None:  # the first event in arrival order
+            self.first_event_time_ = float(cols["t"][0])
         watermark = math.nan if self.last_event_time_ is None else self.last_event_time_
         times, watermark, self.time_pending_, held = K.hold_times(
             cols["t"], watermark, self.time_pending_, MAX_AHEAD_S
         )
         self.events_time_held_ += held
         pidx, peer = self._principal_index(events["db_user"], cols["action_code"])
-        out, self.keys_, self.kinds_, self.ta_, self.va_, self.size_ = K.run(
+        ip, app, tenant, session = prepared.ids
+        out, self.keys_, self.kinds_, self.ta_, self.va_, self.pa_, self.size_ = K.run(
             times,
             pidx,
             peer,
-            self._ids(events["client_ip"]),
-            self._ids(events["client_app"]),
-            self._ids(events["tenant_id"]),
-            self._ids(events["session_id"]),
+            ip,
+            app,
+            tenant,
+            session,
             cols["table_id"],
             cols["fp"],
             cols["action_code"],
@@ -357,7 +401,7 @@ class FeatureEngine:
             cols["bulk"],
             cols["copy_out"],
             cols["whole_read"],
-            self._offsets(events, prep),
+            prepared.offsets,
             cols["hour"],
             cols["known_size"],
             self.state_,
@@ -366,6 +410,7 @@ class FeatureEngine:
             self.kinds_,
             self.ta_,
             self.va_,
+            self.pa_,
             self.size_,
             self.params,
             self.expiry,
@@ -377,9 +422,7 @@ class FeatureEngine:
         self._drop_stale_rows()
         self.events_seen_ += n
         self.last_event_time_ = watermark
-        batch = FeatureBatch(events, out, _model_matrix(out), prep["tables"])
-        self.model_matrix_ = batch.model
-        return batch
+        return FeatureBatch(events, out, prepared.tables)
 
     def _prepare(self, events: pl.DataFrame) -> pl.DataFrame:
         reading = pl.col("action").is_in(["read", "copy"])
@@ -402,8 +445,6 @@ class FeatureEngine:
             objects=pl.col("objects"),
             reading=reading,
         )
-        self.batch_statements_cut_ = int(base["cut"].sum())
-        self.statements_cut_ += self.batch_statements_cut_
         shapes = self._shapes.shapes(base["h"], events["statement_text"], base["dialect"])
         base = base.join(shapes, on="h", how="left", maintain_order="left")
         base = base.with_columns(
@@ -427,6 +468,7 @@ class FeatureEngine:
             "action_code",
             "rows",
             "tables",
+            "cut",
             fp=pl.col("fingerprint").fill_null(0),
             table_id=pl.col("table_id").fill_null(0),
             known_size=pl.col("known_size").fill_null(float("nan")),
@@ -678,6 +720,7 @@ class FeatureEngine:
             "kinds": self.kinds_.copy(),
             "ta": self.ta_.copy(),
             "va": self.va_.copy(),
+            "peaks": self.pa_.copy(),
         }
         clock = self.clock_
         meta: dict[str, Any] = {
@@ -710,6 +753,8 @@ class FeatureEngine:
             with np.load(directory / "state.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("principal_state", "keys", "kinds", "ta", "va")}
                 highs = z["principal_highs"] if "principal_highs" in z.files else None
+                # a state written before the wake test holds no highs: none known yet
+                peaks = z["peaks"] if "peaks" in z.files else np.zeros(arrays["va"].shape)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"cannot read feature state in {directory}: {exc}") from exc
         if meta.get("spec_hash") != self.spec_hash:
@@ -730,6 +775,7 @@ class FeatureEngine:
             highs is None
             or state.shape != (len(names), width)
             or highs.shape != (len(names), K.N_HIGH)
+            or not (arrays["keys"].shape == arrays["va"].shape == peaks.shape)
         ):
             raise ModelError(f"feature state in {directory} is inconsistent")
         if version == 1:
@@ -752,6 +798,7 @@ class FeatureEngine:
         self.kinds_ = np.ascontiguousarray(arrays["kinds"], dtype=np.int8)
         self.ta_ = np.ascontiguousarray(arrays["ta"], dtype=np.float64)
         self.va_ = np.ascontiguousarray(arrays["va"], dtype=np.float64)
+        self.pa_ = np.ascontiguousarray(peaks, dtype=np.float64)
         self.size_ = int(meta["table_size"])
         self.events_seen_ = int(meta["events_seen"])
         self.last_event_time_ = meta["last_event_time"]
@@ -785,6 +832,7 @@ class StateCopy:
                 kinds=a["kinds"],
                 ta=a["ta"],
                 va=a["va"],
+                peaks=a["peaks"],
             )
         js = directory / "state.json"
         js.write_text(json.dumps(self.meta, indent=1))

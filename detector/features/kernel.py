@@ -211,14 +211,24 @@ OUT_COLUMNS: Final = tuple(
     [name for q in QUANTITIES for name in (q, f"{q}_typical")] + list(EXTRA_OUTPUTS)
 )
 COV_SCALE: Final = 1e4
-#: A volume over a window is an event's evidence while the event sustains it: when the event
-#: adds less than this share of what the counter lost to decay since its last event, it only
-#: trails a past burst (an agent's one-row lookup an hour after a scrape from the same address)
-#: and the volume is reported unknown for it, so it carries no excess. A steady scraper's page
-#: replaces what decayed since the previous page, a growing burst more.
+#: A volume over a window is an event's evidence while the event sustains it, by two tests.
+#: Replenish: the event adds at least REPLENISH of what the counter lost to decay since its
+#: last event (measured over SUSTAIN_SPAN of the window at least, so many tiny events in a row
+#: do not each sustain a day's volume read an hour ago). Wake: the volume stands no lower than
+#: where WAKE_S of decay from its recent high would have left it (that high decays PEAK_SLOWER
+#: times slower than the counter, so a week-old high does not outweigh today's volume). A
+#: growing volume passes both, and so does a steady stream at any pace (a slow scraper's page
+#: brings back what decayed since the last, and the volume to its high). A burst that stopped
+#: fails them once WAKE_S has passed: the events that follow at a person's pace (an agent's
+#: lookups after her own scrape, from the same address) only trail it, and for them the volume
+#: is reported unknown, no excess. Within WAKE_S of the burst's last event (the default
+#: incident gap) they join the burst's incident anyway. The replenish test alone lets lookups
+#: a minute apart carry a 3-hour coverage (each replaces the minute's decay of a few hundred
+#: rows) and a 20-row lookup carry a day's volume of thousands (five minutes of its decay).
 REPLENISH: Final = 0.5
-#: ... of what it lost over this share of its time constant at least (5 minutes of a day).
 SUSTAIN_SPAN: Final = 1.0 / 288.0
+WAKE_S: Final = 1800.0
+PEAK_SLOWER: Final = 4.0
 #: A window high or daily high that holds no known value yet (every known value is >= 0).
 UNKNOWN: Final = -1.0
 
@@ -270,30 +280,32 @@ def _accumulate(
     kinds: np.ndarray,
     ta: np.ndarray,
     va: np.ndarray,
+    pa: np.ndarray,
     kind: int,
     a: int,
     b: int,
     now: float,
     tau: float,
     add: float,
+    peak: bool = False,
 ) -> tuple[float, int, bool, bool]:  # pragma: no cover - compiled
     """Decay the (kind, a, b) counter to ``now``, add ``add``; (new value, entries added,
-    whether this event sustains it: it adds at least REPLENISH of what decayed since the
-    counter's last event, or over SUSTAIN_SPAN of ``tau`` if that is longer, so it keeps a
-    volume growing rather than trailing a past one; whether the counter starts afresh: it was
-    absent or unused for 8 ``tau``)."""
+    whether this event sustains it, whether the counter starts afresh: it was absent or unused
+    for 8 ``tau``). Sustaining: the replenish test (see REPLENISH), and with ``peak`` the peak
+    test too (see WAKE_S), against the counter's recent high, ``pa`` of its entry (it moves with
+    the counter: updated at the counter's time, it decays from there)."""
     k = pair_key(kind, a, b)
     j = _find(keys, k)
     added = 0
-    lost = 0.0
     fresh = keys[j] == EMPTY or now - ta[j] > 8.0 * tau
-    if fresh:
-        value = 0.0
-    else:
-        value = va[j] * math.exp(-max(0.0, now - ta[j]) / tau)
-        # measured over SUSTAIN_SPAN of the window at least: many tiny events in a row do
-        # not each sustain a day's volume read an hour ago
+    value = 0.0
+    lost = 0.0
+    high = 0.0
+    if not fresh:
+        since = max(0.0, now - ta[j])
+        value = va[j] * math.exp(-since / tau)
         lost = va[j] * (1.0 - math.exp(-max(now - ta[j], tau * SUSTAIN_SPAN) / tau))
+        high = pa[j] * math.exp(-since / (PEAK_SLOWER * tau))
     if keys[j] == EMPTY:
         keys[j] = k
         kinds[j] = kind
@@ -301,7 +313,12 @@ def _accumulate(
     value += add
     va[j] = value
     ta[j] = max(ta[j], now) if value > add else now
-    return value, added, add >= REPLENISH * lost, fresh
+    sustains = add >= REPLENISH * lost
+    if peak:
+        wake = math.exp(-(WAKE_S / tau) * (1.0 - 1.0 / PEAK_SLOWER))
+        sustains = sustains and value >= wake * high
+        pa[j] = max(high, value)
+    return value, added, sustains, fresh
 
 
 @njit(cache=True, inline="always")
@@ -595,10 +612,11 @@ def rebuild(
     kinds: np.ndarray,
     ta: np.ndarray,
     va: np.ndarray,
+    pa: np.ndarray,
     expiry: np.ndarray,
     now: float,
     min_capacity: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """Drop expired entries and re-insert the live ones into a table of a fitting size."""
     live = 0
     for i in range(keys.shape[0]):
@@ -611,6 +629,7 @@ def rebuild(
     nkind = np.zeros(cap, dtype=np.int8)
     nta = np.zeros(cap, dtype=np.float64)
     nva = np.zeros(cap, dtype=np.float64)
+    npa = np.zeros(cap, dtype=np.float64)
     for i in range(keys.shape[0]):
         if keys[i] != EMPTY and now - ta[i] <= expiry[kinds[i]]:
             j = _find(nk, keys[i])
@@ -618,10 +637,11 @@ def rebuild(
             nkind[j] = kinds[i]
             nta[j] = ta[i]
             nva[j] = va[i]
-    return nk, nkind, nta, nva, live
+            npa[j] = pa[i]
+    return nk, nkind, nta, nva, npa, live
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run(
     t: np.ndarray,
     pidx: np.ndarray,
@@ -648,6 +668,7 @@ def run(
     kinds: np.ndarray,
     ta: np.ndarray,
     va: np.ndarray,
+    pa: np.ndarray,
     size: int,
     params: np.ndarray,
     expiry: np.ndarray,
@@ -655,7 +676,9 @@ def run(
     cap: np.ndarray,
     clock: np.ndarray,
     bounds: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int
+]:  # pragma: no cover
     """Compute the stateful features of one batch, updating the state in place.
 
     Rows and their lifetime: a row unused for its horizon (:func:`expired`, by the stream's
@@ -665,8 +688,9 @@ def run(
     first success clears the row but for the failed logins before it. Those events therefore
     write nothing another principal reads, beyond the per-address failure counts.
 
-    Returns (out, keys, kinds, ta, va, size): the feature matrix (n x N_OUT) and the possibly
-    rebuilt hash table. ``clock`` is updated in place.
+    Returns (out, keys, kinds, ta, va, pa, size): the feature matrix (n x N_OUT) and the
+    possibly rebuilt hash table (``pa``: the recent high of a volume counter's entry).
+    ``clock`` is updated in place.
     """
     n = t.shape[0]
     out = np.empty((n, N_OUT), dtype=np.float64)
@@ -676,7 +700,7 @@ def run(
     elapsed_day, elapsed_we, elapsed_wd = -1.0, 0.0, 0.0
     for i in range(n):
         if 2 * (size + 28) > keys.shape[0]:  # an event adds at most 24 entries
-            keys, kinds, ta, va, size = rebuild(keys, kinds, ta, va, expiry, t[i], 0)
+            keys, kinds, ta, va, pa, size = rebuild(keys, kinds, ta, va, pa, expiry, t[i], 0)
         p = pidx[i]
         g = peer[i]  # the row of the principal's peer group, or -1
         now = t[i]
@@ -797,12 +821,14 @@ def run(
                 kinds,
                 ta,
                 va,
+                pa,
                 K_TABLE_COV,
                 pk,
                 int(pair_key(K_TABLE_COV, addr[i], table[i])),
                 now,
                 params[P_TAU_COV],
                 r if known_rows and reading else 0.0,
+                True,
             )
             size += added
             if tsize > 0.0:
@@ -810,20 +836,12 @@ def run(
 
         # repetitions of this statement shape
         repeats = 0.0
+        repeats_rising = True
         if fp[i] != 0:
-            k = pair_key(K_FP_PAIR, pk, fp[i])
-            j = _find(keys, k)
-            if keys[j] == EMPTY or now - ta[j] > expiry[K_FP_PAIR]:
-                prev = 0.0
-            else:
-                prev = va[j] * math.exp(-max(0.0, now - ta[j]) / params[P_TAU_FP])
-            if keys[j] == EMPTY:
-                keys[j] = k
-                kinds[j] = K_FP_PAIR
-                size += 1
-            repeats = prev + 1.0
-            va[j] = repeats
-            ta[j] = max(ta[j], now) if prev > 0.0 else now
+            repeats, added, repeats_rising, _ = _accumulate(
+                keys, kinds, ta, va, pa, K_FP_PAIR, pk, fp[i], now, params[P_TAU_FP], 1.0, True
+            )
+            size += added
 
         # the session: statements, shapes, sensitive rows and tables, against the principal's
         # usual sessions (decayed counts follow a pooled connection's recent hour; the distinct
@@ -844,6 +862,7 @@ def run(
                 kinds,
                 ta,
                 va,
+                pa,
                 K_SESSION,
                 pk,
                 session[i],
@@ -854,7 +873,7 @@ def run(
             size += added
             sens_r = r if known_rows and reading and sensitive[i] else 0.0
             sess_rows, added, _, _ = _accumulate(
-                keys, kinds, ta, va, K_SESSION_ROWS, pk, session[i], now, tau_s, sens_r
+                keys, kinds, ta, va, pa, K_SESSION_ROWS, pk, session[i], now, tau_s, sens_r
             )
             size += added
             sess_shapes, added = _distinct(
@@ -965,7 +984,7 @@ def run(
         usual_high = UNKNOWN
         if failed and established:
             burst, added, _, _ = _accumulate(
-                keys, kinds, ta, va, K_FAIL_USUAL, pk, 0, now, params[P_TAU_FAIL], 1.0
+                keys, kinds, ta, va, pa, K_FAIL_USUAL, pk, 0, now, params[P_TAU_FAIL], 1.0
             )
             size += added
             usual_fails = math.log1p(burst)
@@ -1009,10 +1028,32 @@ def run(
         sens24h = (0.0, 0, True, True)
         if not unproven:
             sens1h = _accumulate(
-                keys, kinds, ta, va, K_ADDR_SENS1H, pk, addr[i], now, params[P_TAU_1H], sens_add
+                keys,
+                kinds,
+                ta,
+                va,
+                pa,
+                K_ADDR_SENS1H,
+                pk,
+                addr[i],
+                now,
+                params[P_TAU_1H],
+                sens_add,
+                True,
             )
             sens24h = _accumulate(
-                keys, kinds, ta, va, K_ADDR_SENS24H, pk, addr[i], now, params[P_TAU_24H], sens_add
+                keys,
+                kinds,
+                ta,
+                va,
+                pa,
+                K_ADDR_SENS24H,
+                pk,
+                addr[i],
+                now,
+                params[P_TAU_24H],
+                sens_add,
+                True,
             )
         size += sens1h[1] + sens24h[1]
         # and a volume that has stopped growing is no evidence against this event
@@ -1114,12 +1155,24 @@ def run(
         runs = (0.0, 0, True, True)
         if not unproven:
             runs = _accumulate(
-                keys, kinds, ta, va, K_ADDR_NEW_RUNS, pk, addr[i], now, params[P_TAU_1H], new_shape
+                keys,
+                kinds,
+                ta,
+                va,
+                pa,
+                K_ADDR_NEW_RUNS,
+                pk,
+                addr[i],
+                now,
+                params[P_TAU_1H],
+                new_shape,
+                True,
             )
         size += runs[1]
         vals[Q_NEW_RUNS] = math.log1p(runs[0])
         rising[Q_NEW_RUNS] = runs[2]
         rising[Q_COV] = cov_rising
+        rising[Q_FP] = repeats_rising
         vals[Q_AGG] = 1.0 if agg_all[i] else 0.0
         vals[Q_BULK] = 1.0 if bulk[i] else 0.0
         vals[Q_COPY] = 1.0 if copy_out[i] else 0.0
@@ -1246,7 +1299,7 @@ def run(
             out[i, 2 * Q_COV + 1] = cov_high if cov_high >= 0.0 else math.nan
         else:
             out[i, 2 * Q_COV + 1] = math.nan
-        for q in (Q_SENS1H, Q_SENS24H, Q_COV, Q_NEW_RUNS):
+        for q in (Q_SENS1H, Q_SENS24H, Q_COV, Q_NEW_RUNS, Q_FP):
             if not rising[q]:
                 out[i, 2 * q] = math.nan
         # Habits: how often the principal does this, a decayed event-weighted share, as it
@@ -1316,7 +1369,7 @@ def run(
         out[i, O_NEW_PRINCIPAL] = 1.0 if newcomer else 0.0
         out[i, O_COVERAGE] = coverage
         out[i, O_TABLE_ROWS] = tsize
-    return out, keys, kinds, ta, va, size
+    return out, keys, kinds, ta, va, pa, size
 
 
 def default_expiry(params: np.ndarray) -> np.ndarray:

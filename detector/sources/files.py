@@ -58,7 +58,7 @@ import zstandard
 
 from detector import schema
 from detector.adapters import ADAPTERS, detect_format, make_adapter
-from detector.adapters.base import line_bounds
+from detector.adapters.base import line_bounds, starts_with_object
 from detector.errors import InputError, Location, UnknownNameError
 from detector.quarantine import NullQuarantine, Quarantine, redact_text
 from detector.redact import redact_sql
@@ -79,7 +79,6 @@ _MIN_BLOCK: Final = 64 * 1024
 _MAX_BLOCK: Final = 64 * 1024 * 1024
 _FIRST_BLOCK: Final = 1024 * 1024
 _SPAN_BYTES: Final = 1024 * 1024
-_JSON_SPACE: Final = frozenset(b" \t\r\n")
 _SPACE: Final = b" \t\r\n"
 _TWO_OBJECTS: Final = re.compile(rb"}[ \t\r]*{")
 _ROW_IN_ERROR: Final = re.compile(r"in row (\d+)")
@@ -808,7 +807,7 @@ def _arrow_json(buffer: pa.Buffer) -> _Attempt:
     a line holding two objects: callers check the row count.
     """
     view = memoryview(buffer)
-    if not _starts_with_object(view):
+    if not starts_with_object(view):
         return _Attempt(None, 0)
     bad_text = _bad_utf8_row(buffer)
     if bad_text is not None:
@@ -843,13 +842,6 @@ def _bad_utf8_row(buffer: pa.Buffer) -> int | None:
             return raw[: exc.start].count(b"\n")
         return 0
     return None
-
-
-def _starts_with_object(view: memoryview) -> bool:
-    for byte in view:
-        if byte not in _JSON_SPACE:
-            return bool(byte == ord("{"))
-    return False
 
 
 def _first_odd_row(table: pa.Table) -> int | None:
