@@ -34,7 +34,6 @@ from detector.features.engine import (
     PLAUSIBLE,
     FeatureBatch,
     FeatureEngine,
-    Prepared,
 )
 from detector.features.settings import FeatureSettings, StateBounds
 from detector.incidents import grouping
@@ -487,15 +486,10 @@ class Scorer:
         scores = self.forest.score(batch.model)
         return self.engine.frame(batch).with_columns(anomaly_score=pl.Series(scores))
 
-    def anomalies(
-        self, events: pl.DataFrame | Prepared, since: datetime | None = None
-    ) -> pl.DataFrame:
+    def anomalies(self, events: pl.DataFrame, since: datetime | None = None) -> pl.DataFrame:
         """Feature rows, with ``anomaly_score``, of the events at or above the threshold (and at
-        or after ``since``); the state advances over every event. ``events`` may come prepared
-        already (:meth:`FeatureEngine.prepare`, run ahead in another thread)."""
-        if isinstance(events, pl.DataFrame):
-            events = self.engine.prepare(events)
-        return self.found(self.engine.advance(events), since)
+        or after ``since``); the state advances over every event."""
+        return self.found(self.engine.update(events), since)
 
     def found(self, batch: FeatureBatch, since: datetime | None = None) -> pl.DataFrame:
         """The anomalies of a batch whose features are computed: the stateless end of

@@ -346,7 +346,7 @@ class FeatureEngine:
         """The stateless half of :meth:`update`: each event's statement shape, tables, flags and
         ids, which depend on the events and the settings alone (the caches it fills change no
         result). It may run ahead on the next batch, in another thread, while :meth:`advance`
-        runs the kernel over this one (see :func:`prepared_ahead`)."""
+        runs the kernel over this one (as ``pipeline.score`` and ``pipeline.train`` do)."""
         n = events.height
         if n == 0:
             return Prepared(
@@ -358,7 +358,7 @@ class FeatureEngine:
         )
         return Prepared(
             events,
-            {c: prep[c].to_numpy() for c in prep.columns if c != "tables"},
+            {c: prep[c].to_numpy() for c in prep.columns if c not in ("tables", "cut")},
             tuple(
                 self._ids(events[c]) for c in ("client_ip", "client_app", "tenant_id", "session_id")
             ),
